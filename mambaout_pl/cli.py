@@ -1,0 +1,52 @@
+"""The ``mambaout`` command (also installed as ``lightning``): LightningCLI over tasks and data modules.
+
+    mambaout fit --config recipes/quickstart.yaml
+    mambaout validate --config recipes/quickstart.yaml --ckpt_path runs/.../last.ckpt
+    mambaout fit --config recipes/imagenet_mambaout.yaml --print_config
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from mambaout_pl.tasks import BaseTask
+
+
+class MambaOutCLI(LightningCLI):
+    """LightningCLI with a best-checkpoint callback, LR monitoring and data-to-task links."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/top1",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "epoch{epoch:03d}-step{step}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.label_names", "model.init_args.label_names", apply_on="instantiate")
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of ``mambaout``, ``lightning`` and ``python -m mambaout_pl``."""
+    MambaOutCLI(
+        BaseTask,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults={
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.RichProgressBar"}],
+        },
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

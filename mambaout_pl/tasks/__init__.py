@@ -1,0 +1,6 @@
+"""Tasks: LightningModules that train and evaluate a network."""
+
+from mambaout_pl.tasks.base import BaseTask
+from mambaout_pl.tasks.classification import ClassificationTask
+
+__all__ = ["BaseTask", "ClassificationTask"]

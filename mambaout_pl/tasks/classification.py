@@ -1,0 +1,182 @@
+"""ClassificationTask: image classification with any backbone ``create_model`` builds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from mambaout_pl.models import create_model
+from mambaout_pl.tasks.base import BaseTask
+
+
+class ClassificationTask(BaseTask):
+    """Train and evaluate an image classifier.
+
+    ``task(images)`` returns logits. Batches are ``{"image": [B,3,H,W], "label": [B]}`` dicts
+    (or ``(images, labels)`` tuples). Logs ``train/loss``, ``val/loss``, ``val/top1``,
+    ``val/top5`` and the same under ``test/``.
+
+    Args:
+        backbone: any name ``mambaout_pl.models.create_model`` accepts: ours, any timm model, or a
+            dotted class path.
+        num_classes: number of classes (linked from the data module by the CLI).
+        label_names: class names, index-aligned (linked from the data module by the CLI).
+        pretrained: weights to start from: a ``.pth``/``.safetensors`` file (official MambaOut or
+            timm keys). The classifier is re-initialised when its class count differs.
+        backbone_args: extra keyword arguments for ``create_model``.
+        drop_path_rate: stochastic depth rate of the last block (rises linearly from 0).
+        head_dropout: dropout before the classifier.
+        optimizer: any ``timm.optim`` optimizer name.
+        lr: peak learning rate.
+        weight_decay: weight decay (none on norms and biases).
+        betas: Adam betas.
+        eps: Adam epsilon.
+        layer_decay: layer-wise learning-rate decay (``None``: off).
+        scheduler: any ``timm.scheduler`` schedule name, stepped per optimizer update.
+        warmup_epochs: linear warm-up length in epochs (fractions allowed).
+        warmup_lr: learning rate at the start of warm-up.
+        min_lr: learning rate at the end of the decay.
+        cooldown_epochs: epochs held at ``min_lr`` at the end of training.
+        mixup_alpha: Mixup alpha (0: off).
+        cutmix_alpha: CutMix alpha (0: off).
+        mixup_prob: probability of applying Mixup or CutMix to a batch.
+        mixup_switch_prob: probability of CutMix instead of Mixup when both are on.
+        label_smoothing: label smoothing of the training targets.
+        ema_decay: decay of an exponential moving average of the weights used for validation and
+            the final model (``None``: off).
+        channels_last: run the network in channels-last memory format.
+        compile: compile the network with ``torch.compile``.
+    """
+
+    monitor = "val/top1"
+    mode = "max"
+
+    def __init__(
+        self,
+        backbone: str = "mambaout_femto",
+        num_classes: int = 1000,
+        label_names: list[str] | None = None,
+        pretrained: str | None = None,
+        backbone_args: dict[str, Any] | None = None,
+        drop_path_rate: float = 0.0,
+        head_dropout: float = 0.0,
+        optimizer: str = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        layer_decay: float | None = None,
+        scheduler: str = "cosine",
+        warmup_epochs: float = 0.0,
+        warmup_lr: float = 1e-6,
+        min_lr: float = 1e-5,
+        cooldown_epochs: int = 0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        label_smoothing: float = 0.0,
+        ema_decay: float | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        if label_names is not None and len(label_names) != num_classes:
+            raise ValueError(
+                f"label_names has {len(label_names)} names but num_classes is {num_classes}; "
+                "give one name per class or leave label_names unset."
+            )
+        super().__init__()
+
+    def configure_models(self) -> None:
+        hparams = self.hparams
+        self.model = create_model(
+            hparams.backbone,
+            pretrained=hparams.pretrained,
+            num_classes=hparams.num_classes,
+            drop_path_rate=hparams.drop_path_rate,
+            drop_rate=hparams.head_dropout,
+            **(hparams.backbone_args or {}),
+        )
+        if hparams.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if hparams.compile:
+            self.model.compile()
+
+    def configure_losses(self) -> None:
+        hparams = self.hparams
+        self.mixup: Mixup | None = None
+        if hparams.mixup_alpha > 0 or hparams.cutmix_alpha > 0:
+            self.mixup = Mixup(
+                mixup_alpha=hparams.mixup_alpha,
+                cutmix_alpha=hparams.cutmix_alpha,
+                prob=hparams.mixup_prob,
+                switch_prob=hparams.mixup_switch_prob,
+                label_smoothing=hparams.label_smoothing,
+                num_classes=hparams.num_classes,
+            )
+            self.train_criterion: nn.Module = SoftTargetCrossEntropy()
+        else:
+            self.train_criterion = nn.CrossEntropyLoss(label_smoothing=hparams.label_smoothing)
+        self.eval_criterion = nn.CrossEntropyLoss()
+
+    def configure_metrics(self) -> None:
+        num_classes = self.hparams.num_classes
+        metrics = MetricCollection(
+            {
+                "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+                "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+            }
+        )
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.model(images)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, labels = self.unpack_batch(batch, "image", "label")
+        targets = labels
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)
+        loss = self.train_criterion(self(images), targets)
+        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    def _evaluate(self, batch: Any, stage: str, metrics: MetricCollection) -> None:
+        images, labels = self.unpack_batch(batch, "image", "label")
+        logits = self(images)
+        loss = self.eval_criterion(logits, labels)
+        self.log(f"{stage}/loss", loss, batch_size=images.shape[0], sync_dist=True)
+        metrics.update(logits, labels)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Class index, class probabilities and class name for each image."""
+        images, _ = self.unpack_batch(batch, "image", "label")
+        probabilities = F.softmax(self(images).float(), dim=-1)
+        class_index = probabilities.argmax(dim=-1)
+        names = self.hparams.label_names
+        label_name = [names[i] if names else str(i) for i in class_index.tolist()]
+        return {"class_index": class_index, "probabilities": probabilities, "label_name": label_name}
