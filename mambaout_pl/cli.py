@@ -28,6 +28,7 @@ class MambaOutCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        parser.set_defaults({"trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.RichProgressBar"}]})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -41,9 +42,6 @@ def main(args: ArgsType = None) -> None:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        trainer_defaults={
-            "callbacks": [{"class_path": "lightning.pytorch.callbacks.RichProgressBar"}],
-        },
         args=args,
     )
 
