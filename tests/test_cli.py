@@ -1,0 +1,123 @@
+"""The CLI a user runs: every recipe, the three entry points, the quick start learning, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mambaout_pl.cli import main
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+ROOT = Path(__file__).parents[1]
+
+
+def small_run_args(root: Path, image_folder: Path) -> list[str]:
+    """Swap a recipe's data for the generated image folder and keep the run to a few CPU steps."""
+    return [
+        f"--trainer.default_root_dir={root}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.strategy=auto",
+        "--trainer.num_nodes=1",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks=[]",
+        "--data.path=imagefolder",
+        f"--data.data_dir={image_folder}",
+        "--data.image_size=64",
+        "--data.batch_size=4",
+        "--data.num_workers=0",
+    ]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_fits_on_generated_images(recipe: Path, image_folder: Path, tmp_path: Path) -> None:
+    main(["fit", f"--config={recipe}", *small_run_args(tmp_path, image_folder)])
+
+    (run,) = (tmp_path / "lightning_logs").iterdir()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    written = yaml.safe_load(recipe.read_text())
+    assert saved["model"]["init_args"]["backbone"] == written["model"]["init_args"]["backbone"]
+    assert saved["trainer"]["precision"] == written["trainer"]["precision"]
+    assert list(run.glob("events.out.tfevents.*")), "no TensorBoard log"
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    hyper_parameters = checkpoint["hyper_parameters"]
+    assert hyper_parameters["num_classes"] == 3  # linked from the data module
+    assert hyper_parameters["label_names"] == ["cat", "dog", "fish"]
+    assert checkpoint["state_dict"]["model.head.fc.weight"].shape[0] == 3
+    assert checkpoint["global_step"] >= 1
+
+
+def test_quickstart_learns_the_embedded_digits(tmp_path: Path) -> None:
+    recipe = ROOT / "recipes" / "quickstart.yaml"
+    main(
+        [
+            "fit",
+            f"--config={recipe}",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_epochs=3",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks=[]",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
+    (run,) = (tmp_path / "lightning_logs").iterdir()
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    best = checkpoint["callbacks"]
+    (state,) = [v for k, v in best.items() if k.startswith("ModelCheckpoint")]
+    assert state["best_model_score"] > 0.8  # chance is 0.1 on ten digits
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [sys.executable, "-m", "mambaout_pl"],
+        [str(Path(sys.executable).parent / "mambaout")],
+        [str(Path(sys.executable).parent / "lightning")],
+    ],
+    ids=["python-m", "mambaout", "lightning"],
+)
+def test_entry_points_print_the_recipe_with_linked_defaults(command: list[str]) -> None:
+    result = subprocess.run(
+        [*command, "fit", f"--config={ROOT / 'recipes' / 'imagenet_mambaout.yaml'}", "--print_config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = yaml.safe_load(result.stdout)
+    assert config["model"]["class_path"] == "mambaout_pl.tasks.ClassificationTask"
+    assert config["model"]["init_args"]["backbone"] == "mambaout_tiny"
+    assert config["model"]["init_args"]["lr"] == 4e-3
+    assert config["data"]["init_args"]["auto_augment"] == "rand-m9-mstd0.5-inc1"
+    assert config["checkpoint"]["monitor"] == "val/top1"
+
+
+def test_unknown_backbone_names_close_matches(image_folder: Path, tmp_path: Path) -> None:
+    recipe = ROOT / "recipes" / "quickstart.yaml"
+    # jsonargparse re-raises the task's UnknownModelError as a ValueError carrying its message.
+    with pytest.raises(ValueError, match="Unknown model 'mambaout_fento'. Did you mean 'mambaout_femto'"):
+        main(["fit", f"--config={recipe}", *small_run_args(tmp_path, image_folder), "--model.backbone=mambaout_fento"])
+
+
+def test_missing_recipe_file_exits_with_its_name(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "no_such_recipe.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", f"--config={missing}"])
+    assert exit_info.value.code != 0
+    assert "no_such_recipe.yaml" in capsys.readouterr().err
+
+
+def test_unknown_config_key_exits_with_the_key(tmp_path: Path, capsys) -> None:
+    recipe = ROOT / "recipes" / "quickstart.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", f"--config={recipe}", "--model.init_args.learning_rate=0.1"])
+    assert exit_info.value.code != 0
+    assert "learning_rate" in capsys.readouterr().err
