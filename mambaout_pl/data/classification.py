@@ -96,7 +96,7 @@ class ImageClassificationDataModule(LightningDataModule):
         batch_size: Training batch size per device.
         eval_batch_size: Validation/test/predict batch size per device; None means ``batch_size``.
         num_workers: Dataloader worker processes per device.
-        pin_memory: Pin batches in page-locked memory for faster host-to-GPU copies.
+        pin_memory: Pin batches in page-locked memory for faster host-to-GPU copies (CUDA only).
         persistent_workers: Keep workers alive between epochs (only used when num_workers > 0).
         drop_last: Drop the last incomplete training batch (Mixup needs even batch sizes).
         streaming: Stream the data (``IterableDataset``) instead of preparing it on disk first.
@@ -380,7 +380,7 @@ class ImageClassificationDataModule(LightningDataModule):
             shuffle=train and not streamed,
             drop_last=train and hp.drop_last,
             num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory,
+            pin_memory=hp.pin_memory and torch.cuda.is_available(),
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
             collate_fn=collate_samples,
         )

@@ -1,0 +1,592 @@
+"""MambaOut: Gated CNN blocks (Mamba blocks without the SSM) in a four-stage hierarchy.
+
+Paper: Weihao Yu, Xinchao Wang, "MambaOut: Do We Really Need Mamba for Vision?", CVPR 2025,
+https://arxiv.org/abs/2405.07992
+
+Module names, and so state-dict keys, follow timm's `mambaout.py`: a state dict saved from timm's
+models loads into these unchanged, and the reverse. Inside the network tensors are channels-last
+`[B, H, W, C]`; images come in and intermediate features go out as `[B, C, H, W]`.
+"""
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, LayerNorm, LayerScale, get_act_layer, trunc_normal_
+
+from .registry import register_model
+
+__all__ = [
+    'MambaOut',
+    'Stem',
+    'Downsample',
+    'DepthwiseConvMixer',
+    'GatedCNNBlock',
+    'MambaOutStage',
+    'MlpHead',
+]
+
+LayerType = Union[str, Callable[..., nn.Module]]
+
+
+def _cfg(**overrides: Any) -> Dict[str, Any]:
+    """Pre-processing and head facts for a variant (the ImageNet-1k set-up of the reference weights)."""
+    return {
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'test_input_size': (3, 288, 288),
+        'pool_size': (7, 7),
+        'crop_pct': 1.0,
+        'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.conv1',
+        'classifier': 'head.fc',
+        'license': 'apache-2.0',
+        **overrides,
+    }
+
+
+class Stem(nn.Module):
+    """Two stride-2 3x3 convs (stride 4 in all): NCHW image in, NHWC features out."""
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            out_chs: int = 96,
+            mid_norm: bool = True,
+            act_layer: Type[nn.Module] = nn.GELU,
+            norm_layer: Type[nn.Module] = LayerNorm,
+    ):
+        super().__init__()
+        mid_chs = out_chs // 2
+        self.conv1 = nn.Conv2d(in_chans, mid_chs, kernel_size=3, stride=2, padding=1)
+        self.norm1 = norm_layer(mid_chs) if mid_norm else None
+        self.act = act_layer()
+        self.conv2 = nn.Conv2d(mid_chs, out_chs, kernel_size=3, stride=2, padding=1)
+        self.norm2 = norm_layer(out_chs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        if self.norm1 is not None:
+            x = self.norm1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = self.act(x)
+        x = self.conv2(x)
+        return self.norm2(x.permute(0, 2, 3, 1))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv between stages, NHWC in and out.
+
+    The paper's models normalise after the conv; `norm_first=True` normalises the input instead.
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            norm_first: bool = False,
+            norm_layer: Type[nn.Module] = LayerNorm,
+    ):
+        super().__init__()
+        self.norm_first = norm_first
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size=3, stride=2, padding=1)
+        self.norm = norm_layer(in_chs if norm_first else out_chs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_first:
+            x = self.norm(x)
+        x = self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        if not self.norm_first:
+            x = self.norm(x)
+        return x
+
+
+class DepthwiseConvMixer(nn.Conv2d):
+    """Depthwise k x k convolution on channels-last tokens: the spatial mixer of a Gated CNN block.
+
+    A plain `nn.Conv2d` underneath (its parameters are `weight` and `bias`), taking and returning
+    `[B, H, W, C]` like any token mixer the block may hold.
+    """
+
+    def __init__(self, dim: int, kernel_size: int = 7):
+        super().__init__(dim, dim, kernel_size=kernel_size, padding=kernel_size // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class GatedCNNBlock(nn.Module):
+    """Gated CNN block, channels-last.
+
+    `norm -> fc1` expands to a gate `g` and a value split into an identity part `i` and a mixed
+    part `c` (`conv_ratio * dim` channels, mixed spatially by `conv`);
+    `out = x + drop_path(ls(fc2(act(g) * cat(i, conv(c)))))`.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            expansion_ratio: float = 8 / 3,
+            kernel_size: int = 7,
+            conv_ratio: float = 1.0,
+            ls_init_value: Optional[float] = None,
+            norm_layer: Type[nn.Module] = LayerNorm,
+            act_layer: Type[nn.Module] = nn.GELU,
+            drop_path: float = 0.,
+    ):
+        super().__init__()
+        hidden = int(expansion_ratio * dim)
+        conv_chs = int(conv_ratio * dim)
+        if not 0 < conv_chs <= hidden:
+            raise ValueError(
+                f'conv_ratio={conv_ratio} gives {conv_chs} conv channels; it must be in (0, {hidden}] '
+                f'for dim={dim} and expansion_ratio={expansion_ratio}.'
+            )
+        self.split_sizes = (hidden, hidden - conv_chs, conv_chs)
+        self.norm = norm_layer(dim)
+        self.fc1 = nn.Linear(dim, 2 * hidden)
+        self.act = act_layer()
+        self.conv = DepthwiseConvMixer(conv_chs, kernel_size=kernel_size)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.ls = LayerScale(dim, init_values=ls_init_value) if ls_init_value is not None else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        g, i, c = torch.split(self.fc1(self.norm(x)), self.split_sizes, dim=-1)
+        c = self.conv(c)
+        x = self.fc2(self.act(g) * torch.cat((i, c), dim=-1))
+        return shortcut + self.drop_path(self.ls(x))
+
+
+class MambaOutStage(nn.Module):
+    """An optional downsampling layer followed by `depth` Gated CNN blocks, NHWC in and out."""
+
+    def __init__(
+            self,
+            dim: int,
+            dim_out: Optional[int] = None,
+            depth: int = 3,
+            downsample: str = '',
+            expansion_ratio: float = 8 / 3,
+            kernel_size: int = 7,
+            conv_ratio: float = 1.0,
+            ls_init_value: Optional[float] = None,
+            norm_layer: Type[nn.Module] = LayerNorm,
+            act_layer: Type[nn.Module] = nn.GELU,
+            drop_path: Union[float, Sequence[float]] = 0.,
+    ):
+        super().__init__()
+        dim_out = dim_out or dim
+        self.grad_checkpointing = False
+        if downsample in ('conv', 'conv_nf'):
+            self.downsample = Downsample(dim, dim_out, norm_first=downsample == 'conv_nf', norm_layer=norm_layer)
+        elif downsample == '':
+            if dim != dim_out:
+                raise ValueError(f'A stage without downsampling keeps its width, got dim={dim}, dim_out={dim_out}.')
+            self.downsample = nn.Identity()
+        else:
+            raise ValueError(f"Unknown downsample '{downsample}', expected 'conv', 'conv_nf' or ''.")
+
+        drop_path_rates = list(drop_path) if isinstance(drop_path, Sequence) else [drop_path] * depth
+        if len(drop_path_rates) != depth:
+            raise ValueError(f'Got {len(drop_path_rates)} drop path rates for {depth} blocks.')
+        self.blocks = nn.Sequential(*[
+            GatedCNNBlock(
+                dim=dim_out,
+                expansion_ratio=expansion_ratio,
+                kernel_size=kernel_size,
+                conv_ratio=conv_ratio,
+                ls_init_value=ls_init_value,
+                norm_layer=norm_layer,
+                act_layer=act_layer,
+                drop_path=rate,
+            )
+            for rate in drop_path_rates
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            for block in self.blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = self.blocks(x)
+        return x
+
+
+class MlpHead(nn.Module):
+    """Classifier head on NHWC features: `pool -> norm -> [fc -> act -> (norm)] -> dropout -> fc`.
+
+    `hidden_norm=True` is the paper's head (a norm after the hidden activation); `False` is timm's
+    'norm_mlp' head. `hidden_size=None` (or 0) drops the hidden layer.
+    """
+
+    def __init__(
+            self,
+            in_features: int,
+            num_classes: int = 1000,
+            hidden_size: Optional[int] = None,
+            hidden_norm: bool = True,
+            pool_type: str = 'avg',
+            norm_layer: Type[nn.Module] = LayerNorm,
+            act_layer: Type[nn.Module] = nn.GELU,
+            drop_rate: float = 0.,
+    ):
+        super().__init__()
+        self.pool_type = self._check_pool_type(pool_type)
+        self.in_features = in_features
+        self.norm = norm_layer(in_features)
+        if hidden_size:
+            layers = [('fc', nn.Linear(in_features, hidden_size)), ('act', act_layer())]
+            if hidden_norm:
+                layers.append(('norm', norm_layer(hidden_size)))
+            self.pre_logits = nn.Sequential(OrderedDict(layers))
+            self.num_features = hidden_size
+        else:
+            self.pre_logits = nn.Identity()
+            self.num_features = in_features
+        self.head_dropout = nn.Dropout(drop_rate)
+        self.fc = self._classifier(num_classes)
+
+    @staticmethod
+    def _check_pool_type(pool_type: str) -> str:
+        if pool_type not in ('', 'avg', 'max', 'avgmax'):
+            raise ValueError(f"Unknown global_pool '{pool_type}', expected 'avg', 'max', 'avgmax' or '' (none).")
+        return pool_type
+
+    def _classifier(self, num_classes: int) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        fc = nn.Linear(self.num_features, num_classes)
+        trunc_normal_(fc.weight, std=.02)
+        nn.init.zeros_(fc.bias)
+        return fc
+
+    def reset(self, num_classes: int, pool_type: Optional[str] = None) -> None:
+        """Replace the final classifier (freshly initialised) and optionally the pooling."""
+        if pool_type is not None:
+            self.pool_type = self._check_pool_type(pool_type)
+        fc = self._classifier(num_classes)
+        reference = next(self.parameters(), None)
+        if reference is not None:
+            fc = fc.to(device=reference.device, dtype=reference.dtype)
+        self.fc = fc.train(self.training)
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.pool_type == 'avg':
+            x = x.mean(dim=(1, 2))
+        elif self.pool_type == 'max':
+            x = x.amax(dim=(1, 2))
+        elif self.pool_type == 'avgmax':
+            x = 0.5 * (x.mean(dim=(1, 2)) + x.amax(dim=(1, 2)))
+        x = self.pre_logits(self.norm(x))
+        x = self.head_dropout(x)
+        return x if pre_logits else self.fc(x)
+
+
+class MambaOut(nn.Module):
+    """MambaOut image classifier and multi-scale backbone.
+
+    Args:
+        in_chans: Input image channels.
+        num_classes: Classifier outputs; 0 leaves the head without a final classifier.
+        global_pool: Head pooling: 'avg', 'max', 'avgmax' or '' (none).
+        depths: Blocks per stage.
+        dims: Channels per stage.
+        expansion_ratio: Hidden width of a block relative to its input width.
+        kernel_size: Size of the depthwise conv of each block.
+        conv_ratio: Share of the input width that goes through the depthwise conv.
+        stem_mid_norm: Normalise between the two stem convs.
+        downsample: 'conv' (conv then norm) or 'conv_nf' (norm then conv) between stages.
+        ls_init_value: Initial layer-scale value; None disables layer scale.
+        head_fn: 'default' (the paper's MLP head, with a norm after the hidden activation) or
+            'norm_mlp' (no hidden norm).
+        head_hidden_size: Hidden width of the head MLP; defaults to 4 x dims[-1], 0 disables it.
+        norm_layer: Normalisation over the channel (last) dim.
+        act_layer: Activation of the stem and blocks (class or timm name such as 'gelu', 'silu').
+        head_act_layer: Activation of the head MLP (GELU in every variant, SiLU ones included).
+        drop_rate: Dropout before the final classifier.
+        drop_path_rate: Stochastic depth rate of the last block, rising linearly from 0 over all blocks.
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            depths: Sequence[int] = (3, 3, 9, 3),
+            dims: Sequence[int] = (96, 192, 384, 576),
+            expansion_ratio: float = 8 / 3,
+            kernel_size: int = 7,
+            conv_ratio: float = 1.0,
+            stem_mid_norm: bool = True,
+            downsample: str = 'conv',
+            ls_init_value: Optional[float] = None,
+            head_fn: str = 'default',
+            head_hidden_size: Optional[int] = None,
+            norm_layer: Type[nn.Module] = LayerNorm,
+            act_layer: LayerType = nn.GELU,
+            head_act_layer: LayerType = nn.GELU,
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+    ):
+        super().__init__()
+        depths, dims = tuple(depths), tuple(dims)
+        if len(depths) != len(dims):
+            raise ValueError(f'depths {depths} and dims {dims} must have one entry per stage.')
+        if head_fn not in ('default', 'norm_mlp'):
+            raise ValueError(f"Unknown head_fn '{head_fn}', expected 'default' or 'norm_mlp'.")
+        act_layer = get_act_layer(act_layer)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.output_fmt = 'NHWC'
+        self.pretrained_cfg = self.default_cfg = _cfg()
+
+        self.stem = Stem(in_chans, dims[0], mid_norm=stem_mid_norm, act_layer=act_layer, norm_layer=norm_layer)
+
+        drop_path_rates = torch.linspace(0, drop_path_rate, sum(depths)).split(depths)
+        self.stages = nn.Sequential()
+        self.feature_info: List[Dict[str, Any]] = []
+        prev_dim, reduction = dims[0], 4
+        for i, (depth, dim) in enumerate(zip(depths, dims)):
+            if i > 0:
+                reduction *= 2
+            self.stages.append(MambaOutStage(
+                dim=prev_dim,
+                dim_out=dim,
+                depth=depth,
+                downsample=downsample if i > 0 else '',
+                expansion_ratio=expansion_ratio,
+                kernel_size=kernel_size,
+                conv_ratio=conv_ratio,
+                ls_init_value=ls_init_value,
+                norm_layer=norm_layer,
+                act_layer=act_layer,
+                drop_path=drop_path_rates[i].tolist(),
+            ))
+            self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f'stages.{i}'))
+            prev_dim = dim
+        self.num_features = prev_dim
+
+        self.head = MlpHead(
+            prev_dim,
+            num_classes,
+            hidden_size=4 * prev_dim if head_hidden_size is None else head_hidden_size,
+            hidden_norm=head_fn == 'default',
+            pool_type=global_pool,
+            norm_layer=norm_layer,
+            act_layer=get_act_layer(head_act_layer),
+            drop_rate=drop_rate,
+        )
+        self.head_hidden_size = self.head.num_features
+
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            trunc_normal_(module.weight, std=.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter-name patterns ordering the layers from input to output (for layer-wise lr decay)."""
+        if coarse:
+            return dict(stem=r'^stem', blocks=r'^stages\.(\d+)')
+        return dict(
+            stem=r'^stem',
+            blocks=[
+                (r'^stages\.(\d+)\.downsample', (0,)),  # grouped with the first block of its stage
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+            ],
+        )
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass (training only) to save memory."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the final classifier with a freshly initialised one of `num_classes` outputs."""
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, Sequence[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs for dense prediction.
+
+        Args:
+            x: Images `[B, C, H, W]`.
+            indices: Stages to return: all if None, the last n if an int, else these stage indices.
+            norm: Accepted for timm compatibility; MambaOut has no norm on its stage outputs.
+            stop_early: Skip the stages after the last requested one.
+            output_fmt: 'NCHW' or 'NHWC' for the intermediates.
+            intermediates_only: Return only the intermediates.
+        Returns:
+            The intermediates, or `(final NHWC features, intermediates)`.
+        """
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got '{output_fmt}'.")
+        take_indices = self._stage_indices(indices)
+        last_index = max(take_indices) if stop_early or intermediates_only else len(self.stages) - 1
+
+        intermediates = []
+        x = self.stem(x)
+        for i, stage in enumerate(self.stages[:last_index + 1]):
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(x.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else x)
+
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def _stage_indices(self, indices: Optional[Union[int, Sequence[int]]]) -> List[int]:
+        num_stages = len(self.stages)
+        if indices is None:
+            return list(range(num_stages))
+        if isinstance(indices, int):
+            if not 0 < indices <= num_stages:
+                raise ValueError(f'Cannot take the last {indices} of {num_stages} stages.')
+            return list(range(num_stages - indices, num_stages))
+        resolved = [i + num_stages if i < 0 else i for i in indices]
+        if not all(0 <= i < num_stages for i in resolved):
+            raise ValueError(f'Stage indices {list(indices)} out of range for {num_stages} stages.')
+        return resolved
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, Sequence[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages after the last of `indices`, and the head; returns the kept stage indices.
+
+        The head is kept (unless `prune_head`) only when all stages are kept. `prune_norm` is
+        accepted for timm compatibility.
+        """
+        take_indices = self._stage_indices(indices)
+        num_kept = max(take_indices) + 1
+        prune_end = num_kept < len(self.stages)
+        self.stages = self.stages[:num_kept]
+        self.feature_info = self.feature_info[:num_kept]
+        if prune_head or prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[-1]['num_chs']
+            self.num_classes = 0
+            self.head = MlpHead(self.num_features, 0, hidden_size=None, pool_type='', norm_layer=nn.Identity)
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-stage features, channels-last `[B, H/32, W/32, C]`."""
+        return self.stages(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_mambaout(variant: str, cfg: Dict[str, Any], **kwargs: Any) -> MambaOut:
+    model = MambaOut(**kwargs)
+    model.pretrained_cfg = model.default_cfg = dict(cfg, architecture=variant)
+    return model
+
+
+# The paper's models.
+
+@register_model
+def mambaout_femto(**kwargs: Any) -> MambaOut:
+    """MambaOut-Femto, 7.3M params."""
+    args = dict(depths=(3, 3, 9, 3), dims=(48, 96, 192, 288))
+    return _create_mambaout('mambaout_femto', _cfg(), **dict(args, **kwargs))
+
+
+@register_model
+def mambaout_kobe(**kwargs: Any) -> MambaOut:
+    """MambaOut-Kobe (24 blocks, in memory of Kobe Bryant), 9.1M params."""
+    args = dict(depths=(3, 3, 15, 3), dims=(48, 96, 192, 288))
+    return _create_mambaout('mambaout_kobe', _cfg(), **dict(args, **kwargs))
+
+
+@register_model
+def mambaout_tiny(**kwargs: Any) -> MambaOut:
+    """MambaOut-Tiny, 26.5M params."""
+    args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 576))
+    return _create_mambaout('mambaout_tiny', _cfg(), **dict(args, **kwargs))
+
+
+@register_model
+def mambaout_small(**kwargs: Any) -> MambaOut:
+    """MambaOut-Small, 48.5M params."""
+    args = dict(depths=(3, 4, 27, 3), dims=(96, 192, 384, 576))
+    return _create_mambaout('mambaout_small', _cfg(), **dict(args, **kwargs))
+
+
+@register_model
+def mambaout_base(**kwargs: Any) -> MambaOut:
+    """MambaOut-Base, 84.8M params."""
+    args = dict(depths=(3, 4, 27, 3), dims=(128, 256, 512, 768))
+    return _create_mambaout('mambaout_base', _cfg(), **dict(args, **kwargs))
+
+
+# timm's variants: layer scale, norm-first downsampling, no stem mid-norm, 'norm_mlp' head.
+
+_RW_ARGS = dict(stem_mid_norm=False, downsample='conv_nf', ls_init_value=1e-6, head_fn='norm_mlp')
+
+
+@register_model
+def mambaout_small_rw(**kwargs: Any) -> MambaOut:
+    """MambaOut-Small, timm's training variant."""
+    args = dict(depths=(3, 4, 27, 3), dims=(96, 192, 384, 576), **_RW_ARGS)
+    return _create_mambaout('mambaout_small_rw', _cfg(), **dict(args, **kwargs))
+
+
+@register_model
+def mambaout_base_short_rw(**kwargs: Any) -> MambaOut:
+    """MambaOut-Base with fewer, wider blocks (timm)."""
+    args = dict(
+        depths=(3, 3, 25, 3), dims=(128, 256, 512, 768), expansion_ratio=3.0, conv_ratio=1.25, **_RW_ARGS)
+    return _create_mambaout('mambaout_base_short_rw', _cfg(crop_pct=0.95, test_crop_pct=1.0), **dict(args, **kwargs))
+
+
+@register_model
+def mambaout_base_tall_rw(**kwargs: Any) -> MambaOut:
+    """MambaOut-Base with more, narrower blocks (timm)."""
+    args = dict(
+        depths=(3, 4, 30, 3), dims=(128, 256, 512, 768), expansion_ratio=2.5, conv_ratio=1.25, **_RW_ARGS)
+    return _create_mambaout('mambaout_base_tall_rw', _cfg(crop_pct=0.95, test_crop_pct=1.0), **dict(args, **kwargs))
+
+
+@register_model
+def mambaout_base_wide_rw(**kwargs: Any) -> MambaOut:
+    """MambaOut-Base with wider blocks and SiLU (timm)."""
+    args = dict(
+        depths=(3, 4, 27, 3), dims=(128, 256, 512, 768), expansion_ratio=3.0, conv_ratio=1.5,
+        act_layer='silu', **_RW_ARGS)
+    return _create_mambaout('mambaout_base_wide_rw', _cfg(crop_pct=0.95, test_crop_pct=1.0), **dict(args, **kwargs))
+
+
+@register_model
+def mambaout_base_plus_rw(**kwargs: Any) -> MambaOut:
+    """MambaOut-Base with more, wider blocks and SiLU (timm)."""
+    args = dict(
+        depths=(3, 4, 30, 3), dims=(128, 256, 512, 768), expansion_ratio=3.0, conv_ratio=1.5,
+        act_layer='silu', **_RW_ARGS)
+    return _create_mambaout('mambaout_base_plus_rw', _cfg(), **dict(args, **kwargs))
