@@ -35,15 +35,20 @@ class MambaOutCLI(LightningCLI):
         parser.link_arguments("data.label_names", "model.init_args.label_names", apply_on="instantiate")
 
 
-def main(args: ArgsType = None) -> None:
-    """Entry point of ``mambaout``, ``lightning`` and ``python -m mambaout_pl``."""
-    MambaOutCLI(
+def run_cli(args: ArgsType = None) -> MambaOutCLI:
+    """Parse ``args`` (default: the command line), run the subcommand and return the CLI."""
+    return MambaOutCLI(
         BaseTask,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,
     )
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of ``mambaout``, ``lightning`` and ``python -m mambaout_pl``."""
+    run_cli(args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from mambaout_pl.cli import main
+from mambaout_pl.cli import main, run_cli
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 ROOT = Path(__file__).parents[1]
@@ -55,24 +55,20 @@ def test_every_recipe_fits_on_generated_images(recipe: Path, image_folder: Path,
     assert checkpoint["global_step"] >= 1
 
 
-def test_quickstart_learns_the_embedded_digits(tmp_path: Path) -> None:
+def test_quickstart_learns_the_embedded_digits_and_validates_its_checkpoint(tmp_path: Path) -> None:
     recipe = ROOT / "recipes" / "quickstart.yaml"
-    main(
-        [
-            "fit",
-            f"--config={recipe}",
-            f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.max_epochs=3",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.callbacks=[]",
-            f"--data.cache_dir={tmp_path / 'cache'}",
-        ]
+    quiet = ["--trainer.enable_progress_bar=false", "--trainer.callbacks=[]"]
+    fit = run_cli(
+        ["fit", f"--config={recipe}", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=3", *quiet]
     )
-    (run,) = (tmp_path / "lightning_logs").iterdir()
-    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    best = checkpoint["callbacks"]
-    (state,) = [v for k, v in best.items() if k.startswith("ModelCheckpoint")]
-    assert state["best_model_score"] > 0.8  # chance is 0.1 on ten digits
+    best_score = fit.trainer.checkpoint_callback.best_model_score.item()
+    best_path = fit.trainer.checkpoint_callback.best_model_path
+    assert best_score > 0.8  # chance is 0.1 on ten digits
+
+    validate = run_cli(
+        ["validate", f"--config={recipe}", f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={best_path}", *quiet]
+    )
+    assert validate.trainer.callback_metrics["val/top1"].item() == pytest.approx(best_score, abs=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -185,3 +185,13 @@ def test_subclass_overriding_one_configure_method_changes_the_loss() -> None:
     expected = (-((1 - probability) ** 2) * probability.log()).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert loss.item() < nn.functional.cross_entropy(logits, batch["label"]).item()
+
+
+def test_channels_last_gives_the_same_logits() -> None:
+    torch.manual_seed(0)
+    plain = ClassificationTask(backbone="mambaout_femto", num_classes=4).eval()
+    channels_last = ClassificationTask(backbone="mambaout_femto", num_classes=4, channels_last=True).eval()
+    channels_last.load_state_dict(plain.state_dict())
+    assert channels_last.model.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(channels_last(images), plain(images), atol=1e-4, rtol=1e-4)
