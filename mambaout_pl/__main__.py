@@ -1,4 +1,4 @@
 from mambaout_pl.cli import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

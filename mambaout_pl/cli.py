@@ -7,6 +7,9 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -46,10 +49,19 @@ def run_cli(args: ArgsType = None) -> MambaOutCLI:
     )
 
 
-def main(args: ArgsType = None) -> None:
+#: Commands beside Lightning's fit/validate/test/predict: name -> "module:function(argv) -> int".
+TOOL_COMMANDS: dict[str, str] = {}
+
+
+def main(args: list[str] | None = None) -> int | None:
     """Entry point of ``mambaout``, ``lightning`` and ``python -m mambaout_pl``."""
-    run_cli(args)
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in TOOL_COMMANDS:
+        module_name, function_name = TOOL_COMMANDS[argv[0]].split(":")
+        return getattr(importlib.import_module(module_name), function_name)(argv[1:])
+    run_cli(argv)
+    return None
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
