@@ -50,7 +50,10 @@ def run_cli(args: ArgsType = None) -> MambaOutCLI:
 
 
 #: Commands beside Lightning's fit/validate/test/predict: name -> "module:function(argv) -> int".
-TOOL_COMMANDS: dict[str, str] = {}
+TOOL_COMMANDS: dict[str, str] = {
+    "export": "mambaout_pl.hub:export_main",
+    "push": "mambaout_pl.hub:push_main",
+}
 
 
 def main(args: list[str] | None = None) -> int | None:

@@ -10,31 +10,12 @@ import pytest
 import torch
 import yaml
 
+from helpers import small_run_args
+
 from mambaout_pl.cli import main, run_cli
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 ROOT = Path(__file__).parents[1]
-
-
-def small_run_args(root: Path, image_folder: Path) -> list[str]:
-    """Swap a recipe's data for the generated image folder and keep the run to a few CPU steps."""
-    return [
-        f"--trainer.default_root_dir={root}",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        "--trainer.strategy=auto",
-        "--trainer.num_nodes=1",
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=2",
-        "--trainer.limit_val_batches=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.callbacks=[]",
-        "--data.path=imagefolder",
-        f"--data.data_dir={image_folder}",
-        "--data.image_size=64",
-        "--data.batch_size=4",
-        "--data.num_workers=0",
-    ]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])

@@ -5,6 +5,7 @@ from .pretrained import (
     CheckpointError,
     CheckpointMismatchError,
     UnsafeCheckpointError,
+    from_pretrained,
     load_pretrained,
     read_state_dict,
 )
@@ -15,6 +16,7 @@ __all__ = [
     'list_models',
     'register_model',
     'load_pretrained',
+    'from_pretrained',
     'read_state_dict',
     'UnknownModelError',
     'CheckpointError',

@@ -4,6 +4,7 @@ Files are read without running pickled code: torch files with `torch.load(weight
 `.safetensors` files with `safetensors.torch.load_file`.
 """
 import argparse
+import json
 import logging
 import os
 import pickle
@@ -23,6 +24,8 @@ __all__ = [
     'read_state_dict',
     'convert_official_state_dict',
     'load_pretrained',
+    'from_pretrained',
+    'download_pretrained',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ _STATE_DICT_ENTRIES = ('state_dict', 'model', 'module')
 # File names looked for when a directory is given (a Hub snapshot or `save_for_hf` folder).
 _DIRECTORY_FILES = ('model.safetensors', 'pytorch_model.bin')
 _MAX_LISTED = 5
+HF_HUB_PREFIX = 'hf-hub:'
 
 
 class CheckpointError(ValueError):
@@ -148,7 +152,51 @@ def load_pretrained(model: nn.Module, path: PathLike, strict: bool = True) -> nn
     return model
 
 
+def download_pretrained(source: str) -> Path:
+    """Local copy of a Hub model repo named `hf-hub:user/repo` or `hf-hub:user/repo@revision`.
+
+    Only safetensors weights, JSON configs and the model card are fetched, never pickled files.
+    """
+    from huggingface_hub import snapshot_download
+
+    repo_id, _, revision = source[len(HF_HUB_PREFIX):].partition('@')
+    return Path(snapshot_download(
+        repo_id, revision=revision or None, allow_patterns=['*.safetensors', '*.json', '*.md']))
+
+
+def from_pretrained(source: PathLike) -> nn.Module:
+    """Build a model exported by `mambaout export` (a local folder or `hf-hub:user/repo`) and load it strictly.
+
+    timm-format folders (`config.json` with `architecture`) are built by timm; mambaout-pl-format
+    folders (`model_name`, `model_args`) by `create_model`, restricted to registered models, timm
+    models and classes inside `mambaout_pl`, so a downloaded config never imports foreign code.
+    """
+    import timm
+
+    from .registry import create_model, list_models
+
+    folder = download_pretrained(str(source)) if str(source).startswith(HF_HUB_PREFIX) else Path(source)
+    config_file = folder / 'config.json'
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"No config.json in '{folder}': give a folder written by `mambaout export` (or its Hub repo).")
+    config = json.loads(config_file.read_text())
+    if 'architecture' in config:
+        return timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    name = config.get('model_name')
+    if not isinstance(name, str):
+        raise CheckpointError(f"'{config_file}' names no `architecture` (timm) or `model_name` (mambaout-pl).")
+    if not (name in list_models() or timm.is_model(name) or name.startswith('mambaout_pl.')):
+        raise CheckpointError(
+            f"'{config_file}' asks for model '{name}', which is neither registered, a timm model nor a "
+            "mambaout_pl class; refusing to import it.")
+    model = create_model(name, **config.get('model_args', {}))
+    return load_pretrained(model, folder, strict=True).eval()
+
+
 def _resolve_file(path: PathLike) -> Path:
+    if str(path).startswith(HF_HUB_PREFIX):
+        path = download_pretrained(str(path))
     path = Path(path).expanduser()
     if path.is_dir():
         for name in _DIRECTORY_FILES:

@@ -14,6 +14,11 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
+from mambaout_pl import __version__
+
+#: Key under which a task checkpoint records that mambaout-pl wrote it.
+CHECKPOINT_KEY = "mambaout_pl"
+
 
 class BaseTask(LightningModule, ABC):
     """A task: a network, its losses and metrics, and the optimizer and schedule that train it.
@@ -100,6 +105,25 @@ class BaseTask(LightningModule, ABC):
         if self.hparams.get("ema_decay") is None:
             return []
         return [EMAWeightAveraging(decay=self.hparams.ema_decay)]
+
+    def network_config(self) -> dict[str, Any]:
+        """``{"model_name", "model_args"}`` such that ``create_model(model_name, **model_args)``
+        rebuilds ``self.model`` (without weights); used to export and publish it."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how to rebuild its network for export.")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Mark the checkpoint as a mambaout-pl task's, with the task class and the last metrics."""
+        task_class = type(self)
+        metrics = {
+            name: float(value)
+            for name, value in self.trainer.callback_metrics.items()
+            if name.startswith(("val/", "test/")) and value.numel() == 1
+        } if self._trainer is not None else {}
+        checkpoint[CHECKPOINT_KEY] = {
+            "version": __version__,
+            "task": f"{task_class.__module__}.{task_class.__qualname__}",
+            "metrics": metrics,
+        }
 
     @staticmethod
     def unpack_batch(batch: Any, input_key: str, target_key: str) -> tuple[torch.Tensor, torch.Tensor | None]:

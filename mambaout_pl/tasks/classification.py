@@ -109,6 +109,12 @@ class ClassificationTask(BaseTask):
         if hparams.compile:
             self.model.compile()
 
+    def network_config(self) -> dict[str, Any]:
+        return {
+            "model_name": self.hparams.backbone,
+            "model_args": {"num_classes": self.hparams.num_classes, **(self.hparams.backbone_args or {})},
+        }
+
     def configure_losses(self) -> None:
         hparams = self.hparams
         self.mixup: Mixup | None = None
