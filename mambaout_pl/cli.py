@@ -10,15 +10,22 @@ from __future__ import annotations
 import importlib
 import sys
 
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from mambaout_pl.tasks import BaseTask
 
 
 class MambaOutCLI(LightningCLI):
-    """LightningCLI with a best-checkpoint callback, LR monitoring and data-to-task links."""
+    """LightningCLI with checkpoints, LR monitoring, a rich progress bar and data-to-task links.
+
+    Two checkpoint callbacks: ``checkpoint`` keeps the best epoch by ``val/top1`` (set ``monitor``
+    for other tasks); ``latest_checkpoint`` keeps the latest epoch, linked as ``last.ckpt`` for
+    ``--ckpt_path last``.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -26,16 +33,34 @@ class MambaOutCLI(LightningCLI):
             {
                 "checkpoint.monitor": "val/top1",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
-                "checkpoint.filename": "epoch{epoch:03d}-step{step}",
+                "checkpoint.filename": "best-epoch{epoch:03d}-step{step}",
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
-        parser.set_defaults({"trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.RichProgressBar"}]})
+        parser.add_lightning_class_args(ModelCheckpoint, "latest_checkpoint")
+        parser.set_defaults(
+            {
+                "latest_checkpoint.monitor": None,
+                "latest_checkpoint.save_top_k": 1,
+                "latest_checkpoint.save_last": "link",
+                "latest_checkpoint.filename": "epoch{epoch:03d}-step{step}",
+                "latest_checkpoint.auto_insert_metric_name": False,
+            }
+        )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.label_names", "model.init_args.label_names", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer, with a rich progress bar unless the config turns progress bars off or brings its own."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_config = config.get("trainer") or {}
+        callbacks = list(trainer_config.get("callbacks") or [])
+        wants_bar = trainer_config.get("enable_progress_bar") is not False
+        if wants_bar and not any(isinstance(callback, ProgressBar) for callback in callbacks):
+            callbacks.append(RichProgressBar())
+        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
 
 def run_cli(args: ArgsType = None) -> MambaOutCLI:
@@ -53,6 +78,8 @@ def run_cli(args: ArgsType = None) -> MambaOutCLI:
 TOOL_COMMANDS: dict[str, str] = {
     "export": "mambaout_pl.hub:export_main",
     "push": "mambaout_pl.hub:push_main",
+    "analyze": "mambaout_pl.analysis:analyze_main",
+    "profile": "mambaout_pl.analysis:profile_main",
 }
 
 

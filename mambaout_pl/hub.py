@@ -113,6 +113,7 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, output_dir: str | os.P
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
     try:
         write_export(task, checkpoint, Path(checkpoint_path), staging)
+        _make_readable(staging)
         if target.exists():
             retired = target.with_name(f".{target.name}.replaced-{uuid.uuid4().hex[:8]}")
             target.rename(retired)
@@ -124,6 +125,15 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, output_dir: str | os.P
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _make_readable(folder: Path) -> None:
+    """Give a staged export the permissions of a folder made with the user's umask (mkdtemp makes 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def write_export(task: BaseTask, checkpoint: dict[str, Any], checkpoint_path: Path, folder: Path) -> str:

@@ -17,7 +17,6 @@ def small_run_args(root: Path, image_folder: Path) -> list[str]:
         "--trainer.limit_train_batches=2",
         "--trainer.limit_val_batches=1",
         "--trainer.enable_progress_bar=false",
-        "--trainer.callbacks=[]",
         "--data.path=imagefolder",
         f"--data.data_dir={image_folder}",
         "--data.image_size=64",

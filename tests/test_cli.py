@@ -38,7 +38,7 @@ def test_every_recipe_fits_on_generated_images(recipe: Path, image_folder: Path,
 
 def test_quickstart_learns_the_embedded_digits_and_validates_its_checkpoint(tmp_path: Path) -> None:
     recipe = ROOT / "recipes" / "quickstart.yaml"
-    quiet = ["--trainer.enable_progress_bar=false", "--trainer.callbacks=[]"]
+    quiet = ["--trainer.enable_progress_bar=false"]
     fit = run_cli(
         ["fit", f"--config={recipe}", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=3", *quiet]
     )
