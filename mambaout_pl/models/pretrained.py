@@ -1,4 +1,4 @@
-"""Loading weights from local checkpoint files: timm state dicts and the official MambaOut release.
+"""Loading weights: timm state dicts, the official MambaOut release, export folders and Hub repos.
 
 Files are read without running pickled code: torch files with `torch.load(weights_only=True)`,
 `.safetensors` files with `safetensors.torch.load_file`.
@@ -98,7 +98,7 @@ def convert_official_state_dict(state_dict: Mapping) -> Dict[str, torch.Tensor]:
 
 
 def load_pretrained(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
-    """Load weights from a local checkpoint file into `model` (in place) and return it.
+    """Load weights from a checkpoint file, an export folder or `hf-hub:user/repo` into `model` (in place).
 
     Accepts timm state dicts (`.pth`, `.bin`, `.safetensors`) and the official MambaOut release
     (renamed with `convert_official_state_dict`), bare or inside a training checkpoint. When the

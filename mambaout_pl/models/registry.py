@@ -67,7 +67,8 @@ def create_model(
         pretrained: Optional[Union[str, os.PathLike]] = None,
         **kwargs: Any,
 ) -> nn.Module:
-    """Build a model by name, then load `pretrained` weights (a local checkpoint file) if given.
+    """Build a model by name, then load `pretrained` weights if given: a checkpoint file, an export
+    folder, or a Hub repo `hf-hub:user/repo[@revision]` (see `load_pretrained`).
 
     `name` is looked up in this order:
       1. a registered model (`list_models()`); a timm-style tag (`mambaout_tiny.in1k`) is ignored,
@@ -81,8 +82,8 @@ def create_model(
             pretrained = None
         else:
             raise ValueError(
-                f'pretrained must be the path of a local checkpoint file or None, got {pretrained!r}. '
-                'Weights are never downloaded: fetch them first, then pass the file path.'
+                f'pretrained must be the path of a checkpoint file or export folder, `hf-hub:user/repo` or None, '
+                f'got {pretrained!r}.'
             )
 
     model = _build(name, **kwargs)
