@@ -49,3 +49,76 @@ def write_image_folder(root: Path, train_per_class: int = 8, val_per_class: int 
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh image folder (3 classes: 8 train and 4 validation images each, 48x40 RGB PNGs)."""
     return write_image_folder(tmp_path_factory.mktemp("image_folder"))
+
+
+# Segmentation: a tiny folder in the ADEChallengeData2016 layout. Each image is split into a left
+# part of one colour and a right part of another; its label map gives the left part ADE label 1
+# ("wall"), the right part label 2 ("building"), and a top band label 0 ("other", ignored with
+# reduce_zero_label). The sizes differ, as ADE20K's do.
+ADE20K_FOLDER_SIZES = {"training": [(48, 40), (40, 56), (56, 48), (48, 48)], "validation": [(40, 48), (56, 40)]}
+ADE20K_FOLDER_COLOURS = ((220, 40, 40), (40, 40, 220))
+
+
+def ade20k_label_map(width: int, height: int) -> np.ndarray:
+    """The label map of a ``width`` x ``height`` image of the ADE20K-layout fixture (raw ADE labels)."""
+    labels = np.full((height, width), 1, dtype=np.uint8)
+    labels[:, width // 2 :] = 2
+    labels[:4] = 0
+    return labels
+
+
+def write_ade20k_folder(root: Path, seed: int = 0) -> Path:
+    """Write ``root/images/<split>/ADE_<split>_<i>.jpg`` and ``root/annotations/<split>/ADE_<split>_<i>.png``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, sizes in ADE20K_FOLDER_SIZES.items():
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+        for index, (width, height) in enumerate(sizes):
+            labels = ade20k_label_map(width, height)
+            colours = np.array([(128, 128, 128), *ADE20K_FOLDER_COLOURS], dtype=np.int64)[labels]
+            noise = rng.integers(-20, 21, size=(height, width, 3))
+            pixels = np.clip(colours + noise, 0, 255).astype(np.uint8)
+            name = f"ADE_{split}_{index:08d}"
+            Image.fromarray(pixels).save(root / "images" / split / f"{name}.jpg", quality=95)
+            Image.fromarray(labels, mode="L").save(root / "annotations" / split / f"{name}.png")
+    return root
+
+
+@pytest.fixture
+def ade20k_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh ADEChallengeData2016-layout folder: 4 training and 2 validation images of 40-56 px."""
+    return write_ade20k_folder(tmp_path_factory.mktemp("ADEChallengeData2016"))
+
+
+def write_segmentation_parquet(path: Path, count: int = 4, size: tuple[int, int] = (32, 24), num_classes: int = 3) -> Path:
+    """A parquet file of ``image`` and ``mask`` columns: vertical stripes of class 0..num_classes-1, 255 in row 0."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    width, height = size
+    stripes = (np.arange(width) * num_classes // width).astype(np.uint8)
+    labels = np.repeat(stripes[None], height, axis=0)
+    labels[0] = 255
+    rows = {"image": [], "mask": []}
+    for index in range(count):
+        pixels = np.stack([labels * 60 + index, labels * 30, 200 - labels * 50], axis=-1).astype(np.uint8)
+        for column, array in (("image", pixels), ("mask", labels)):
+            buffer = io.BytesIO()
+            Image.fromarray(array).save(buffer, format="PNG")
+            rows[column].append({"bytes": buffer.getvalue(), "path": None})
+    features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image()})
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(path)
+    return path
+
+
+@pytest.fixture
+def segmentation_parquet(tmp_path: Path) -> dict[str, str]:
+    """``data_files`` of a parquet segmentation dataset: train (4 rows) and validation (2 rows), 3 classes."""
+    return {
+        "train": str(write_segmentation_parquet(tmp_path / "train.parquet", count=4)),
+        "validation": str(write_segmentation_parquet(tmp_path / "validation.parquet", count=2)),
+    }

@@ -1,6 +1,8 @@
 """Data: open datasets (Hub, image folder, parquet, saved-to-disk, embedded) and batch them."""
 
+from mambaout_pl.data.ade20k import ADE20K_CLASSES, load_ade20k_folder
 from mambaout_pl.data.classification import ImageClassificationDataModule
+from mambaout_pl.data.segmentation import SegmentationDataModule
 from mambaout_pl.data.sources import (
     ColumnNotFoundError,
     CorruptImageError,
@@ -10,12 +12,17 @@ from mambaout_pl.data.sources import (
     SplitNotFoundError,
     open_dataset,
 )
+from mambaout_pl.data.segmentation_transforms import create_segmentation_transforms
 from mambaout_pl.data.transforms import create_classification_transforms
 
 __all__ = [
     "ImageClassificationDataModule",
+    "SegmentationDataModule",
     "open_dataset",
+    "load_ade20k_folder",
+    "ADE20K_CLASSES",
     "create_classification_transforms",
+    "create_segmentation_transforms",
     "DataError",
     "DataNotFoundError",
     "SplitNotFoundError",

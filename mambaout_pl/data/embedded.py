@@ -1,17 +1,20 @@
 """Embedded quick-start datasets that need no network, reached as ``path="builtin:<name>"``.
 
-Each embedded dataset is written once as an image folder (``train/<class>/<index>.png``) under a
-cache folder and then read with the same ``datasets.load_dataset("imagefolder", data_dir=...)``
-call a user's own image folder goes through. Only a train split is written: the data module
-holds out a seeded validation set from it.
+Classification datasets (``builtin:digits``) are written once as an image folder
+(``train/<class>/<index>.png``) under a cache folder and then read with the same
+``datasets.load_dataset("imagefolder", data_dir=...)`` call a user's own image folder goes
+through. Only a train split is written: the data module holds out a seeded validation set from it.
+Segmentation datasets (``builtin:digit_scenes``, listed in ``SEGMENTATION_DATASETS``) are written in
+the ADEChallengeData2016 layout (``images/{training,validation}``, ``annotations/{training,validation}``)
+with a ``class_names.txt``, and read by ``SegmentationDataModule`` like a user's own such folder.
 
 The cache folder is ``cache_dir`` when given, else ``$MAMBAOUT_PL_CACHE``, else
 ``~/.cache/mambaout_pl``; the images go to ``<cache folder>/<name>``. Writing happens in a
 temporary folder renamed into place, so a crash never leaves a half-written dataset and two
 processes (e.g. DDP ranks) racing to write it are both fine.
 
-To add a dataset, write a function ``(folder: Path) -> None`` that fills ``folder/train`` and
-register it in ``BUILTIN_DATASETS``.
+To add a dataset, write a function ``(folder: Path) -> None`` that fills ``folder`` and register
+it in ``BUILTIN_DATASETS`` (and, for a segmentation dataset, in ``SEGMENTATION_DATASETS``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ BUILTIN_PREFIX = "builtin:"
 CACHE_ENV_VARIABLE = "MAMBAOUT_PL_CACHE"
 
 DIGITS_IMAGE_SIZE = 32  # the 8x8 digits are upscaled 4x (nearest) so that crops and strides work
+
+DIGIT_SCENE_SIZE = 64
+DIGIT_SCENE_CLASSES = ("background",) + tuple(str(digit) for digit in range(10))
+DIGIT_SCENE_COUNTS = {"training": 1200, "validation": 200}
+# Scenes of each split paste digits from their own part of scikit-learn's digits, so that the
+# validation scenes show handwriting the model never trained on.
+_DIGIT_SCENE_POOLS = {"training": (0, 1497), "validation": (1497, 1797)}
 
 
 def write_digits(folder: Path) -> None:
@@ -49,9 +59,68 @@ def write_digits(folder: Path) -> None:
         Image.fromarray(gray, mode="L").save(class_folder / f"{index:04d}.png")
 
 
+def write_digit_scenes(folder: Path) -> None:
+    """Write 64x64 scenes of 1-3 handwritten digits on smooth colour backgrounds, with per-pixel labels.
+
+    ``images/<split>/scene_<index>.png`` is the RGB scene, ``annotations/<split>/scene_<index>.png``
+    its 8-bit label map: 0 for background, ``digit + 1`` where a digit's ink covers at least half the
+    pixel. The digits are scikit-learn's (training scenes from the first 1497, validation scenes
+    from the last 300), scaled to 20-32 pixels and painted in a colour that contrasts with the
+    background. Generated from a fixed seed: every run writes the same files.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+    size = DIGIT_SCENE_SIZE
+    for split, count in DIGIT_SCENE_COUNTS.items():
+        image_folder, mask_folder = folder / "images" / split, folder / "annotations" / split
+        image_folder.mkdir(parents=True)
+        mask_folder.mkdir(parents=True)
+        first, last = _DIGIT_SCENE_POOLS[split]
+        for index in range(count):
+            scene, labels = _digit_scene(digits.images, digits.target, rng, first, last, size)
+            Image.fromarray(scene, mode="RGB").save(image_folder / f"scene_{index:05d}.png")
+            Image.fromarray(labels, mode="L").save(mask_folder / f"scene_{index:05d}.png")
+    (folder / "class_names.txt").write_text("\n".join(DIGIT_SCENE_CLASSES) + "\n")
+
+
+def _digit_scene(
+    images: np.ndarray, targets: np.ndarray, rng: np.random.Generator, first: int, last: int, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One scene (uint8 [size, size, 3]) and its label map (uint8 [size, size])."""
+    start, end = rng.uniform(0, 255, size=(2, 3))
+    direction = rng.uniform(-1.0, 1.0, size=2)
+    rows, columns = np.mgrid[0:size, 0:size] / (size - 1)
+    blend = np.clip(0.5 + direction[0] * (rows - 0.5) + direction[1] * (columns - 0.5), 0.0, 1.0)[..., None]
+    scene = (1.0 - blend) * start + blend * end + rng.normal(0.0, 6.0, size=(size, size, 3))
+    labels = np.zeros((size, size), dtype=np.uint8)
+    taken = np.zeros((size, size), dtype=bool)
+    for _ in range(int(rng.integers(1, 4))):
+        sample = int(rng.integers(first, last))
+        side = int(rng.integers(20, 33))
+        for _attempt in range(10):  # avoid covering more than a quarter of an earlier digit's box
+            top, left = (int(value) for value in rng.integers(0, size - side + 1, size=2))
+            if taken[top : top + side, left : left + side].mean() < 0.25:
+                break
+        glyph = Image.fromarray(np.rint(images[sample] * (255.0 / 16.0)).astype(np.uint8), mode="L")
+        ink = np.asarray(glyph.resize((side, side), Image.Resampling.BILINEAR), dtype=np.float64) / 255.0
+        background = scene[top : top + side, left : left + side].mean(axis=(0, 1))
+        colour = np.where(background > 127.5, rng.uniform(0, 60, size=3), rng.uniform(195, 255, size=3))
+        window = scene[top : top + side, left : left + side]
+        window[:] = (1.0 - ink[..., None]) * window + ink[..., None] * colour
+        labels[top : top + side, left : left + side][ink >= 0.5] = int(targets[sample]) + 1
+        taken[top : top + side, left : left + side] = True
+    return np.clip(np.rint(scene), 0, 255).astype(np.uint8), labels
+
+
 BUILTIN_DATASETS: dict[str, Callable[[Path], None]] = {
     "digits": write_digits,
+    "digit_scenes": write_digit_scenes,
 }
+
+#: Embedded datasets written in the ADEChallengeData2016 layout, read by ``SegmentationDataModule``.
+SEGMENTATION_DATASETS = frozenset({"digit_scenes"})
 
 
 def builtin_name(path: str) -> str:

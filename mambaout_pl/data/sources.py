@@ -86,9 +86,15 @@ def open_dataset(
                 "remove them, or set path to a builder such as 'imagefolder' to read your own files."
             )
         try:
-            embedded.builtin_name(path)
+            name_of_builtin = embedded.builtin_name(path)
         except ValueError as error:
             raise DataError(f"{error} Set `path` to one of them.") from error
+        if name_of_builtin in embedded.SEGMENTATION_DATASETS:
+            raise DataError(
+                f"path={path!r} is a segmentation dataset (images with label maps); open it with "
+                "mambaout_pl.data.SegmentationDataModule, or set `path` to a classification dataset "
+                "such as 'builtin:digits'."
+            )
         data_dir = embedded.materialize(path, cache_dir=cache_dir)
         path = "imagefolder"
 

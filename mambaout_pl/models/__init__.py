@@ -9,6 +9,10 @@ from .pretrained import (
     load_pretrained,
     read_state_dict,
 )
+from .backbones import FeatureBackbone
+from .upernet import FCNHead, UperNetHead
+from .segmentor import UperNetSegmentor
+from .inference import segment, slide_inference, whole_inference
 
 __all__ = [
     'MambaOut',
@@ -22,4 +26,11 @@ __all__ = [
     'CheckpointError',
     'CheckpointMismatchError',
     'UnsafeCheckpointError',
+    'FeatureBackbone',
+    'UperNetHead',
+    'FCNHead',
+    'UperNetSegmentor',
+    'segment',
+    'slide_inference',
+    'whole_inference',
 ]

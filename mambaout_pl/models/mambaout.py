@@ -8,7 +8,7 @@ models loads into these unchanged, and the reverse. Inside the network tensors a
 `[B, H, W, C]`; images come in and intermediate features go out as `[B, C, H, W]`.
 """
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm, LayerScale, get_act_layer, trunc_normal_
 
+from .mixers import DepthwiseConvMixer, create_mixer, mixer_arguments, stage_mixers
 from .registry import register_model
 
 __all__ = [
@@ -105,26 +106,16 @@ class Downsample(nn.Module):
         return x
 
 
-class DepthwiseConvMixer(nn.Conv2d):
-    """Depthwise k x k convolution on channels-last tokens: the spatial mixer of a Gated CNN block.
-
-    A plain `nn.Conv2d` underneath (its parameters are `weight` and `bias`), taking and returning
-    `[B, H, W, C]` like any token mixer the block may hold.
-    """
-
-    def __init__(self, dim: int, kernel_size: int = 7):
-        super().__init__(dim, dim, kernel_size=kernel_size, padding=kernel_size // 2, groups=dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-
 class GatedCNNBlock(nn.Module):
     """Gated CNN block, channels-last.
 
     `norm -> fc1` expands to a gate `g` and a value split into an identity part `i` and a mixed
-    part `c` (`conv_ratio * dim` channels, mixed spatially by `conv`);
+    part `c` (`conv_ratio * dim` channels, mixed over the tokens by `conv`);
     `out = x + drop_path(ls(fc2(act(g) * cat(i, conv(c)))))`.
+
+    `conv` holds the token mixer named by `token_mixer` (see `mixers.py`): MambaOut's depthwise
+    conv by default, or an SSM (which makes this a Mamba block) or attention. The attribute keeps
+    timm's name, so the default block's state dict is timm's.
     """
 
     def __init__(
@@ -137,6 +128,8 @@ class GatedCNNBlock(nn.Module):
             norm_layer: Type[nn.Module] = LayerNorm,
             act_layer: Type[nn.Module] = nn.GELU,
             drop_path: float = 0.,
+            token_mixer: str = 'gated_conv',
+            mixer_args: Optional[Dict[str, Any]] = None,
     ):
         super().__init__()
         hidden = int(expansion_ratio * dim)
@@ -150,7 +143,11 @@ class GatedCNNBlock(nn.Module):
         self.norm = norm_layer(dim)
         self.fc1 = nn.Linear(dim, 2 * hidden)
         self.act = act_layer()
-        self.conv = DepthwiseConvMixer(conv_chs, kernel_size=kernel_size)
+        mixer_args = dict(mixer_args or {})
+        if 'kernel_size' in mixer_arguments(token_mixer):
+            mixer_args.setdefault('kernel_size', kernel_size)
+        self.token_mixer = token_mixer
+        self.conv = create_mixer(token_mixer, conv_chs, **mixer_args)
         self.fc2 = nn.Linear(hidden, dim)
         self.ls = LayerScale(dim, init_values=ls_init_value) if ls_init_value is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -164,7 +161,10 @@ class GatedCNNBlock(nn.Module):
 
 
 class MambaOutStage(nn.Module):
-    """An optional downsampling layer followed by `depth` Gated CNN blocks, NHWC in and out."""
+    """An optional downsampling layer followed by `depth` Gated CNN blocks, NHWC in and out.
+
+    `token_mixer` and `mixer_args` choose the mixer of every block of the stage (see `GatedCNNBlock`).
+    """
 
     def __init__(
             self,
@@ -179,6 +179,8 @@ class MambaOutStage(nn.Module):
             norm_layer: Type[nn.Module] = LayerNorm,
             act_layer: Type[nn.Module] = nn.GELU,
             drop_path: Union[float, Sequence[float]] = 0.,
+            token_mixer: str = 'gated_conv',
+            mixer_args: Optional[Dict[str, Any]] = None,
     ):
         super().__init__()
         dim_out = dim_out or dim
@@ -205,6 +207,8 @@ class MambaOutStage(nn.Module):
                 norm_layer=norm_layer,
                 act_layer=act_layer,
                 drop_path=rate,
+                token_mixer=token_mixer,
+                mixer_args=mixer_args,
             )
             for rate in drop_path_rates
         ])
@@ -312,6 +316,21 @@ class MambaOut(nn.Module):
         head_act_layer: Activation of the head MLP (GELU in every variant, SiLU ones included).
         drop_rate: Dropout before the final classifier.
         drop_path_rate: Stochastic depth rate of the last block, rising linearly from 0 over all blocks.
+        token_mixer: Mixer of the blocks, one for all stages or a list with one per stage:
+            'gated_conv' (MambaOut's depthwise conv), 'ssm' (Mamba's conv + selective scan) or
+            'attention' (multi-head self-attention). See `mixers.py`.
+        scan: 'ssm' token order: 'raster' (the default; causal, as Mamba), 'bidirectional' (as
+            Vision Mamba) or 'cross' (four directions, as VMamba).
+        causal: 'attention' and 'gated_conv': each token sees only the tokens at or before it in
+            raster order (default False).
+        num_heads: 'attention' heads (default: channels // head_dim).
+        head_dim: 'attention' channels per head when num_heads is unset (default 32).
+        window_size: 'attention' window side; None (the default) attends over the whole stage.
+        d_state: 'ssm' state size per channel (default 16).
+        mixer_args: Further mixer arguments, e.g. {'max_tokens': 16384} or {'dt_rank': 8}.
+
+        Each mixer argument is one value, or a list with one entry per stage (None: the mixer's
+        default). An argument no chosen mixer takes is an error.
     """
 
     def __init__(
@@ -334,6 +353,14 @@ class MambaOut(nn.Module):
             head_act_layer: LayerType = nn.GELU,
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            token_mixer: Union[str, Sequence[str]] = 'gated_conv',
+            scan: Union[None, str, Sequence[Optional[str]]] = None,
+            causal: Union[None, bool, Sequence[Optional[bool]]] = None,
+            num_heads: Union[None, int, Sequence[Optional[int]]] = None,
+            head_dim: Union[None, int, Sequence[Optional[int]]] = None,
+            window_size: Union[None, int, Sequence[Optional[int]]] = None,
+            d_state: Union[None, int, Sequence[Optional[int]]] = None,
+            mixer_args: Optional[Dict[str, Any]] = None,
     ):
         super().__init__()
         depths, dims = tuple(depths), tuple(dims)
@@ -341,6 +368,12 @@ class MambaOut(nn.Module):
             raise ValueError(f'depths {depths} and dims {dims} must have one entry per stage.')
         if head_fn not in ('default', 'norm_mlp'):
             raise ValueError(f"Unknown head_fn '{head_fn}', expected 'default' or 'norm_mlp'.")
+        named_args = dict(scan=scan, causal=causal, num_heads=num_heads, head_dim=head_dim,
+                          window_size=window_size, d_state=d_state)
+        repeated = sorted(set(named_args) & set(mixer_args or {}))
+        if repeated:
+            raise ValueError(f"Give {', '.join(repeated)} as its own argument, not inside mixer_args.")
+        mixers = stage_mixers(len(depths), token_mixer, dict(named_args, **(mixer_args or {})))
         act_layer = get_act_layer(act_layer)
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -350,7 +383,7 @@ class MambaOut(nn.Module):
 
         self.stem = Stem(in_chans, dims[0], mid_norm=stem_mid_norm, act_layer=act_layer, norm_layer=norm_layer)
 
-        drop_path_rates = torch.linspace(0, drop_path_rate, sum(depths)).split(depths)
+        drop_path_rates = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').split(depths)
         self.stages = nn.Sequential()
         self.feature_info: List[Dict[str, Any]] = []
         prev_dim, reduction = dims[0], 4
@@ -369,6 +402,8 @@ class MambaOut(nn.Module):
                 norm_layer=norm_layer,
                 act_layer=act_layer,
                 drop_path=drop_path_rates[i].tolist(),
+                token_mixer=mixers[i][0],
+                mixer_args=mixers[i][1],
             ))
             self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f'stages.{i}'))
             prev_dim = dim
@@ -394,6 +429,10 @@ class MambaOut(nn.Module):
             trunc_normal_(module.weight, std=.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+
+    def no_weight_decay(self) -> Set[str]:
+        """Names of parameters kept out of weight decay beyond norms and biases (the SSM's `A_log`)."""
+        return {name for name, _ in self.named_parameters() if name.rpartition('.')[2] == 'A_log'}
 
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """Parameter-name patterns ordering the layers from input to output (for layer-wise lr decay)."""

@@ -2,5 +2,6 @@
 
 from mambaout_pl.tasks.base import BaseTask
 from mambaout_pl.tasks.classification import ClassificationTask
+from mambaout_pl.tasks.segmentation import SegmentationTask
 
-__all__ = ["BaseTask", "ClassificationTask"]
+__all__ = ["BaseTask", "ClassificationTask", "SegmentationTask"]

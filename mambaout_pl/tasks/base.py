@@ -30,7 +30,9 @@ class BaseTask(LightningModule, ABC):
 
     Optimizer and schedule read these hyper-parameters: ``optimizer``, ``lr``, ``weight_decay``,
     ``betas``, ``eps``, ``layer_decay``, ``scheduler``, ``warmup_epochs``, ``warmup_lr``,
-    ``min_lr``, ``cooldown_epochs``, ``ema_decay``.
+    ``min_lr``, ``cooldown_epochs``, ``ema_decay``, and where a task has them ``warmup_steps``
+    (warm-up length in optimizer updates, used instead of ``warmup_epochs`` when set) and
+    ``poly_power`` (the power of the ``poly`` schedule).
     """
 
     #: The logged value that decides which checkpoint is best, and in which direction.
@@ -69,16 +71,21 @@ class BaseTask(LightningModule, ABC):
             eps=hparams.eps,
         )
         updates_per_epoch, epochs = self._schedule_length()
+        warmup_epochs = hparams.warmup_epochs
+        if hparams.get("warmup_steps") is not None:
+            warmup_epochs = hparams.warmup_steps / updates_per_epoch
+        poly = {"decay_rate": hparams.poly_power} if hparams.get("poly_power") is not None else {}
         scheduler, _ = create_scheduler_v2(
             optimizer,
             sched=hparams.scheduler,
             num_epochs=epochs,
-            warmup_epochs=hparams.warmup_epochs,
+            warmup_epochs=warmup_epochs,
             warmup_lr=hparams.warmup_lr,
             min_lr=hparams.min_lr,
             cooldown_epochs=hparams.cooldown_epochs,
             step_on_epochs=False,
             updates_per_epoch=updates_per_epoch,
+            **poly,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -1,0 +1,132 @@
+"""Multi-scale backbones for dense prediction: a list of NCHW stage outputs from ours or any timm model."""
+import os
+from typing import Any, List, Optional, Sequence, Union
+
+import timm
+import torch
+from torch import nn
+
+from .pretrained import CheckpointError
+from .registry import create_model, list_models
+
+__all__ = ['FeatureBackbone']
+
+
+class FeatureBackbone(nn.Module):
+    """A backbone returning one NCHW feature map per selected stage, highest resolution first.
+
+    Our models (`list_models()`) and models named by a dotted class path run their
+    `forward_intermediates`; any other name is a timm model built with
+    `timm.create_model(name, features_only=True, out_indices=...)`. Channels-last outputs (MambaOut,
+    Swin and other NHWC models) are permuted to NCHW.
+
+    Args:
+        name: A model name: ours, a dotted class path, or a timm model.
+        out_indices: Stages (feature levels) to return; negative values count from the last, so the
+            default is the last four (timm's ResNets have a stride-2 level before them).
+        pretrained: A local checkpoint file to start from (ImageNet weights); None for random weights.
+        drop_path_rate: Stochastic depth rate of the last block (passed only when above 0).
+        **kwargs: Further arguments of the model.
+
+    Attributes:
+        channels: Channels of each returned feature map.
+        reductions: Stride of each returned feature map relative to the input.
+    """
+
+    def __init__(
+            self,
+            name: str,
+            out_indices: Sequence[int] = (-4, -3, -2, -1),
+            pretrained: Optional[Union[str, os.PathLike]] = None,
+            drop_path_rate: float = 0.,
+            **kwargs: Any,
+    ):
+        super().__init__()
+        if drop_path_rate > 0:
+            kwargs['drop_path_rate'] = drop_path_rate
+        self.name = name
+        self.uses_timm_features = _is_timm_only(name)
+        if self.uses_timm_features:
+            self.model = _timm_features(name, tuple(out_indices), pretrained, **kwargs)
+            self.indices = list(out_indices)
+            self.channels: List[int] = list(self.model.feature_info.channels())
+            self.reductions: List[int] = list(self.model.feature_info.reduction())
+            self.channels_last = str(getattr(self.model, 'output_fmt', 'NCHW')).endswith('NHWC')
+            return
+
+        self.model = create_model(name, pretrained=pretrained, **kwargs)
+        if not hasattr(self.model, 'forward_intermediates'):
+            raise TypeError(
+                f"Model '{name}' ({type(self.model).__name__}) has no forward_intermediates method, so its stage "
+                'outputs cannot be taken; give it one (see mambaout_pl.models.MambaOut) or use a timm model name.')
+        feature_info = getattr(self.model, 'feature_info', None)
+        if feature_info:
+            num_stages = len(feature_info)
+            self.indices = _resolve_indices(out_indices, num_stages, name)
+            self.channels = [feature_info[i]['num_chs'] for i in self.indices]
+            self.reductions = [feature_info[i]['reduction'] for i in self.indices]
+        else:
+            self.indices = list(out_indices)
+            self.channels, self.reductions = self._probe()
+        if hasattr(self.model, 'prune_intermediate_layers'):
+            self.model.prune_intermediate_layers(self.indices, prune_head=True)
+        self.channels_last = False
+
+    def _probe(self) -> tuple:
+        """Channels and strides of a model without `feature_info`, from one forward pass at 64x64."""
+        training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            outputs = self._intermediates(torch.zeros(1, 3, 64, 64))
+        self.model.train(training)
+        return [output.shape[1] for output in outputs], [64 // output.shape[-1] for output in outputs]
+
+    def _intermediates(self, images: torch.Tensor) -> List[torch.Tensor]:
+        return self.model.forward_intermediates(images, indices=self.indices, intermediates_only=True)
+
+    def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
+        """NCHW feature maps `[B, channels[i], H / reductions[i], W / reductions[i]]`."""
+        if self.uses_timm_features:
+            features = self.model(images)
+        else:
+            features = self._intermediates(images)
+        if self.channels_last:
+            return [feature.permute(0, 3, 1, 2).contiguous() for feature in features]
+        return list(features)
+
+
+def _is_timm_only(name: str) -> bool:
+    """A name that only timm builds: not ours, not a class path (see `create_model`)."""
+    base_name = name.split('.', 1)[0]
+    if name in list_models() or base_name in list_models():
+        return False
+    return ':' in name or timm.is_model(base_name)
+
+
+def _resolve_indices(out_indices: Sequence[int], num_stages: int, name: str) -> List[int]:
+    resolved = [index + num_stages if index < 0 else index for index in out_indices]
+    if not resolved or not all(0 <= index < num_stages for index in resolved):
+        raise ValueError(f"out_indices={list(out_indices)} do not fit the {num_stages} stages of '{name}'.")
+    return resolved
+
+
+def _timm_features(
+        name: str,
+        out_indices: tuple,
+        pretrained: Optional[Union[str, os.PathLike]],
+        **kwargs: Any,
+) -> nn.Module:
+    """timm's feature extractor, with weights from a local file through timm's own loader (weights only)."""
+    if pretrained is None:
+        return timm.create_model(name, pretrained=False, features_only=True, out_indices=out_indices, **kwargs)
+    path = os.fspath(os.path.expanduser(pretrained))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint file not found: '{path}'.")
+    try:
+        return timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay=dict(file=path), features_only=True,
+            out_indices=out_indices, **kwargs)
+    except (RuntimeError, KeyError, ValueError, OSError) as error:
+        raise CheckpointError(
+            f"Cannot load '{path}' into timm's '{name}': {error}. Give a timm state dict of this model "
+            '(.pth, .bin or .safetensors).') from error

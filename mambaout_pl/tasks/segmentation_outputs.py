@@ -1,0 +1,118 @@
+"""What a segmentation task shows and writes: a colour palette, image | truth | prediction pictures, PNG masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
+
+
+def palette(num_colours: int = 256) -> np.ndarray:
+    """Distinct RGB colours, uint8 ``[num_colours, 3]``: the PASCAL VOC bit-interleaved palette (0 is black)."""
+    colours = np.zeros((num_colours, 3), dtype=np.uint8)
+    for index in range(num_colours):
+        value, red, green, blue = index, 0, 0, 0
+        for shift in range(7, -1, -1):
+            red |= (value & 1) << shift
+            green |= ((value >> 1) & 1) << shift
+            blue |= ((value >> 2) & 1) << shift
+            value >>= 3
+        colours[index] = (red, green, blue)
+    return colours
+
+
+def colourise(labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """A label map ``[H, W]`` as float RGB ``[3, H, W]`` in [0, 1]; ignored pixels black."""
+    colours = torch.from_numpy(palette(max(256, int(labels.max().item()) + 1))).float() / 255.0
+    indices = labels.long().clamp_min(0)
+    rgb = colours[indices].permute(2, 0, 1)
+    return torch.where((labels == ignore_index)[None], torch.zeros_like(rgb), rgb)
+
+
+def overlay_panel(
+    image: torch.Tensor,
+    mask: torch.Tensor | None,
+    prediction: torch.Tensor,
+    ignore_index: int = 255,
+    max_side: int = 256,
+) -> torch.Tensor:
+    """``image | image + truth | image + prediction`` side by side, float ``[3, h, 3w]`` in [0, 1].
+
+    ``image`` is a normalised ``[3, h', w']`` tensor, shown with its own range stretched to [0, 1];
+    it is resized to the label maps' size ``[H, W]``, and the panel is shrunk so that its height and
+    each third's width are at most ``max_side``. Without a ``mask``, the truth third is the image.
+    """
+    image = image.detach().float().cpu()
+    prediction = prediction.detach().cpu()
+    height, width = prediction.shape[-2:]
+    low, high = image.amin(), image.amax()
+    image = (image - low) / (high - low).clamp_min(1e-6)
+    scale = min(1.0, max_side / max(height, width))
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+
+    def shrink(labels: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
+
+    def blend(labels: torch.Tensor) -> torch.Tensor:
+        labels = shrink(labels.cpu())
+        coloured = 0.5 * image + 0.5 * colourise(labels, ignore_index)
+        return torch.where((labels == ignore_index)[None], image, coloured)
+
+    truth = blend(mask) if mask is not None else image
+    return torch.cat([image, truth, blend(prediction)], dim=-1).clamp(0.0, 1.0)
+
+
+def log_pictures(module: LightningModule, tag: str, panels: list[torch.Tensor]) -> int:
+    """Send ``panels`` to every logger that takes images (TensorBoard ``add_image``, W&B ``log_image``); return how many did."""
+    logged = 0
+    for logger in module.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_image"):
+            for index, panel in enumerate(panels):
+                experiment.add_image(f"{tag}/{index}", panel, global_step=module.global_step, dataformats="CHW")
+            logged += 1
+        elif hasattr(logger, "log_image"):
+            images = [panel.permute(1, 2, 0).numpy() for panel in panels]
+            logger.log_image(key=tag, images=images, step=module.global_step)
+            logged += 1
+    return logged
+
+
+def write_label_png(path: str | Path, labels: torch.Tensor | np.ndarray) -> None:
+    """Write a label map as a palette PNG (pixel value = class index, coloured); 16-bit grey above 255 classes."""
+    labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if labels.max(initial=0) > 255:
+        Image.fromarray(labels.astype(np.uint16)).save(path)
+        return
+    image = Image.fromarray(labels.astype(np.uint8), mode="P")
+    image.putpalette(palette(256).ravel().tolist())
+    image.save(path)
+
+
+class SegmentationMaskWriter(BasePredictionWriter):
+    """Write each prediction of ``trainer.predict`` to ``output_dir/<name>.png`` (see :func:`write_label_png`)."""
+
+    def __init__(self, output_dir: str | Path) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for name, labels in zip(prediction["name"], prediction["prediction"]):
+            write_label_png(self.output_dir / f"{name}.png", labels)

@@ -1,0 +1,103 @@
+"""The CLI on segmentation recipes: every recipe fits on a tiny ADE20K-layout folder, the quick start learns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mambaout_pl.cli import main, run_cli
+from mambaout_pl.data import ADE20K_CLASSES
+from mambaout_pl.models import create_model
+
+ROOT = Path(__file__).parents[1]
+SEGMENTATION_RECIPES = sorted(
+    recipe
+    for recipe in (ROOT / "recipes").glob("*.yaml")
+    if yaml.safe_load(recipe.read_text())["model"]["class_path"].endswith(".SegmentationTask")
+)
+
+
+def small_segmentation_args(root: Path, ade20k_folder: Path) -> list[str]:
+    """Swap a segmentation recipe's data for the generated ADE20K-layout folder; two CPU steps, then validation."""
+    return [
+        f"--trainer.default_root_dir={root}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.strategy=auto",
+        "--trainer.num_nodes=1",
+        "--trainer.sync_batchnorm=false",
+        "--trainer.max_epochs=1",
+        "--trainer.max_steps=2",
+        "--trainer.limit_train_batches=2",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=2",
+        "--trainer.enable_progress_bar=false",
+        f"--data.data_dir={ade20k_folder}",
+        "--data.reduce_zero_label=true",
+        "--data.crop_size=32",
+        "--data.scale=[64,32]",
+        "--data.batch_size=2",
+        "--data.eval_batch_size=1",
+        "--data.num_workers=0",
+        "--model.slide_crop_size=[24,24]",
+        "--model.slide_stride=[16,16]",
+    ]
+
+
+def test_there_are_segmentation_recipes():
+    assert {recipe.stem for recipe in SEGMENTATION_RECIPES} >= {"ade20k_upernet_mambaout", "quickstart_segmentation"}
+
+
+@pytest.mark.parametrize("recipe", SEGMENTATION_RECIPES, ids=[r.stem for r in SEGMENTATION_RECIPES])
+def test_every_segmentation_recipe_fits_on_an_ade20k_layout_folder(recipe: Path, ade20k_folder: Path, tmp_path: Path) -> None:
+    written = yaml.safe_load(recipe.read_text())
+    model_args = written["model"]["init_args"]
+    extra = []
+    if model_args.get("pretrained"):  # ImageNet weights: a file of the recipe's backbone
+        weights = tmp_path / "imagenet.pth"
+        torch.save(create_model(model_args["backbone"]).state_dict(), weights)
+        extra.append(f"--model.pretrained={weights}")
+    cli = run_cli(["fit", f"--config={recipe}", *small_segmentation_args(tmp_path / "run", ade20k_folder), *extra])
+
+    assert cli.trainer.global_step == 2
+    assert cli.trainer.checkpoint_callback.monitor == "val/mIoU" and cli.trainer.checkpoint_callback.mode == "max"
+    assert {"val/mIoU", "val/mAcc", "val/aAcc", "val/loss", "train/loss"} <= set(cli.trainer.callback_metrics)
+    (run,) = (tmp_path / "run" / "lightning_logs").iterdir()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["backbone"] == model_args["backbone"]
+    assert saved["trainer"]["precision"] == written["trainer"]["precision"]
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    hyper_parameters = checkpoint["hyper_parameters"]
+    assert hyper_parameters["num_classes"] == 150  # linked from the data module: ADE20K's classes
+    assert hyper_parameters["label_names"] == list(ADE20K_CLASSES)
+    assert checkpoint["state_dict"]["model.decode_head.classifier.weight"].shape[0] == 150
+    events = EventAccumulator(str(run), size_guidance={"images": 0})
+    events.Reload()
+    assert "val/mIoU" in events.Tags()["scalars"]
+    assert [tag for tag in events.Tags()["images"] if tag.startswith("val/examples/")]  # the pictures
+
+
+def test_quickstart_segmentation_trains_and_validates_its_best_checkpoint(tmp_path: Path) -> None:
+    recipe = ROOT / "recipes" / "quickstart_segmentation.yaml"
+    quiet = ["--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"]
+    fit = run_cli(["fit", f"--config={recipe}", "--trainer.max_epochs=3", *quiet])
+    best_score = fit.trainer.checkpoint_callback.best_model_score.item()
+    assert 0.0 < best_score <= 1.0
+
+    validate = run_cli(
+        ["validate", f"--config={recipe}", f"--ckpt_path={fit.trainer.checkpoint_callback.best_model_path}", *quiet]
+    )
+    assert validate.trainer.callback_metrics["val/mIoU"].item() == pytest.approx(best_score, abs=1e-6)
+
+
+def test_missing_annotations_folder_stops_the_cli_with_its_name(ade20k_folder: Path, tmp_path: Path) -> None:
+    for mask in (ade20k_folder / "annotations" / "training").iterdir():
+        mask.unlink()
+    (ade20k_folder / "annotations" / "training").rmdir()
+    recipe = ROOT / "recipes" / "quickstart_segmentation.yaml"
+    with pytest.raises(Exception, match=r"annotations/training' does not exist"):
+        main(["fit", f"--config={recipe}", *small_segmentation_args(tmp_path, ade20k_folder)])
