@@ -211,3 +211,23 @@ def test_push_without_a_token_says_how_to_log_in(tmp_path: Path, monkeypatch) ->
     monkeypatch.delenv("HF_TOKEN", raising=False)  # and the tests' HF_HOME holds no stored token
     with pytest.raises(ExportError, match="No Hugging Face token found: set HF_TOKEN or run `hf auth login`"):
         push_checkpoint(tmp_path / "missing.ckpt", "user/name")
+
+
+def test_segmentation_checkpoint_exports_in_our_format_and_loads_strictly(ade20k_folder: Path, tmp_path: Path) -> None:
+    from test_segmentation_cli import small_segmentation_args
+
+    recipe = Path(__file__).parents[1] / "recipes" / "quickstart_segmentation.yaml"
+    main(["fit", f"--config={recipe}", *small_segmentation_args(tmp_path / "run", ade20k_folder)])
+    (checkpoint_path,) = (tmp_path / "run").glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    export = export_checkpoint(checkpoint_path, tmp_path / "export")
+
+    config = json.loads((export / "config.json").read_text())
+    assert config["library_name"] == "mambaout-pl"
+    assert config["model_name"] == "mambaout_pl.models.segmentor.UperNetSegmentor"
+    assert "image-segmentation" in (export / "README.md").read_text()
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    network = create_model(config["model_name"], **config["model_args"]).eval()
+    network.load_state_dict({k[len("model."):]: v for k, v in checkpoint["state_dict"].items()})
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(export)(images), network(images))
