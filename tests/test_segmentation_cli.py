@@ -84,7 +84,7 @@ def test_every_segmentation_recipe_fits_on_an_ade20k_layout_folder(recipe: Path,
 def test_quickstart_segmentation_trains_and_validates_its_best_checkpoint(tmp_path: Path) -> None:
     recipe = ROOT / "recipes" / "quickstart_segmentation.yaml"
     quiet = ["--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"]
-    fit = run_cli(["fit", f"--config={recipe}", "--trainer.max_epochs=3", *quiet])
+    fit = run_cli(["fit", f"--config={recipe}", "--trainer.max_epochs=2", "--trainer.limit_train_batches=8", *quiet])
     best_score = fit.trainer.checkpoint_callback.best_model_score.item()
     assert 0.0 < best_score <= 1.0
 
