@@ -299,14 +299,14 @@ def test_builtin_is_written_once_and_atomically(tmp_path, monkeypatch):
         thread.start()
     for thread in threads:
         thread.join()
-    assert results == [tmp_path / "tiny"] * 2
-    assert sorted(p.name for p in (tmp_path / "tiny" / "train" / "a").iterdir()) == ["0.png", "1.png", "2.png"]
-    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]  # no staging folder left behind
+    assert results == [tmp_path / "tiny-v1"] * 2
+    assert sorted(p.name for p in (tmp_path / "tiny-v1" / "train" / "a").iterdir()) == ["0.png", "1.png", "2.png"]
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-v1"]  # no staging folder left behind
     embedded.materialize("builtin:tiny", cache_dir=tmp_path)
     assert len(calls) <= 2  # the third call reuses the folder
 
     monkeypatch.setenv(embedded.CACHE_ENV_VARIABLE, str(tmp_path / "env"))
-    assert embedded.materialize("builtin:tiny") == tmp_path / "env" / "tiny"
+    assert embedded.materialize("builtin:tiny") == tmp_path / "env" / "tiny-v1"
 
 
 def test_unknown_builtin_lists_known_names(tmp_path):

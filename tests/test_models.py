@@ -48,6 +48,56 @@ def small_model(**kwargs) -> MambaOut:
 
 # Parity with timm
 
+def test_training_step_matches_timm():
+    """Gradients through the fused Gated CNN blocks equal those of timm's plain blocks."""
+    torch.manual_seed(0)
+    reference = timm.create_model('mambaout_femto', pretrained=False, num_classes=10)
+    ours = create_model('mambaout_femto', num_classes=10)
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 96)
+    target = torch.tensor([3, 7])
+    for model in (ours, reference):
+        nn.functional.cross_entropy(model(x), target).backward()
+    reference_grads = dict(reference.named_parameters())
+    for name, parameter in ours.named_parameters():
+        expected = reference_grads[name].grad
+        torch.testing.assert_close(parameter.grad, expected, atol=1e-5 * expected.abs().max().item() + 1e-8, rtol=1e-4)
+
+
+@pytest.mark.parametrize('act_layer', ['gelu', 'silu'])
+@pytest.mark.parametrize('conv_ratio', [1.0, 0.5])
+def test_fused_block_matches_plain_block(act_layer, conv_ratio):
+    torch.manual_seed(0)
+    act = mambaout_module.get_act_layer(act_layer)
+    fused = mambaout_module.GatedCNNBlock(24, conv_ratio=conv_ratio, act_layer=act)
+    plain = mambaout_module.GatedCNNBlock(24, conv_ratio=conv_ratio, act_layer=act, fused=False)
+    plain.load_state_dict(fused.state_dict())
+    assert fused.fused_activation == act_layer and plain.fused_activation is None
+    x = torch.randn(2, 7, 9, 24)
+    outputs = {}
+    for name, block in (('fused', fused), ('plain', plain)):
+        inputs = x.clone().requires_grad_()
+        out = block(inputs)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outputs[name] = [out, inputs.grad] + [p.grad for p in block.parameters()]
+    assert len(outputs['fused']) == len(outputs['plain']) == 2 + 8  # output, input grad, then norm, fc1, conv, fc2 weights and biases
+    for got, expected in zip(outputs['fused'], outputs['plain']):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        fused_bf16, plain_bf16 = fused(x), plain(x)
+    assert fused_bf16.dtype == plain_bf16.dtype
+    torch.testing.assert_close(fused_bf16.float(), plain_bf16.float(), atol=0.05, rtol=0.05)
+
+
+def test_fused_path_only_for_what_it_computes():
+    assert mambaout_module.GatedCNNBlock(16, act_layer=nn.GELU).fused_activation == 'gelu'
+    assert mambaout_module.GatedCNNBlock(16, act_layer=lambda: nn.GELU(approximate='tanh')).fused_activation is None
+    assert mambaout_module.GatedCNNBlock(16, act_layer=nn.ReLU).fused_activation is None
+    assert mambaout_module.GatedCNNBlock(16, token_mixer='gated_conv', mixer_args={'causal': True}).fused_activation is None
+    assert mambaout_module.GatedCNNBlock(16, token_mixer='attention').fused_activation is None
+
+
 @pytest.mark.parametrize('name', VARIANTS)
 def test_matches_timm(name):
     torch.manual_seed(0)

@@ -9,12 +9,14 @@ the ADEChallengeData2016 layout (``images/{training,validation}``, ``annotations
 with a ``class_names.txt``, and read by ``SegmentationDataModule`` like a user's own such folder.
 
 The cache folder is ``cache_dir`` when given, else ``$MAMBAOUT_PL_CACHE``, else
-``~/.cache/mambaout_pl``; the images go to ``<cache folder>/<name>``. Writing happens in a
-temporary folder renamed into place, so a crash never leaves a half-written dataset and two
-processes (e.g. DDP ranks) racing to write it are both fine.
+``~/.cache/mambaout_pl``; the images go to ``<cache folder>/<name>-v<version>``, so files written
+by an older generator are never read. Writing happens in a temporary folder renamed into place, so
+a crash never leaves a half-written dataset and two processes (e.g. DDP ranks) racing to write it
+are both fine.
 
-To add a dataset, write a function ``(folder: Path) -> None`` that fills ``folder`` and register
-it in ``BUILTIN_DATASETS`` (and, for a segmentation dataset, in ``SEGMENTATION_DATASETS``).
+To add a dataset, write a function ``(folder: Path) -> None`` that fills ``folder``, register it
+in ``BUILTIN_DATASETS`` (and, for a segmentation dataset, in ``SEGMENTATION_DATASETS``), and bump
+its ``BUILTIN_DATASET_VERSIONS`` entry whenever what it writes changes.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ CACHE_ENV_VARIABLE = "MAMBAOUT_PL_CACHE"
 
 DIGITS_IMAGE_SIZE = 32  # the 8x8 digits are upscaled 4x (nearest) so that crops and strides work
 
-DIGIT_SCENE_SIZE = 64
+DIGIT_SCENE_SIZE = 48
 DIGIT_SCENE_CLASSES = ("background",) + tuple(str(digit) for digit in range(10))
 DIGIT_SCENE_COUNTS = {"training": 1200, "validation": 200}
 # Scenes of each split paste digits from their own part of scikit-learn's digits, so that the
@@ -60,12 +62,12 @@ def write_digits(folder: Path) -> None:
 
 
 def write_digit_scenes(folder: Path) -> None:
-    """Write 64x64 scenes of 1-3 handwritten digits on smooth colour backgrounds, with per-pixel labels.
+    """Write 48x48 scenes of 1-3 handwritten digits on smooth colour backgrounds, with per-pixel labels.
 
     ``images/<split>/scene_<index>.png`` is the RGB scene, ``annotations/<split>/scene_<index>.png``
     its 8-bit label map: 0 for background, ``digit + 1`` where a digit's ink covers at least half the
     pixel. The digits are scikit-learn's (training scenes from the first 1497, validation scenes
-    from the last 300), scaled to 20-32 pixels and painted in a colour that contrasts with the
+    from the last 300), scaled to 16-26 pixels and painted in a colour that contrasts with the
     background. Generated from a fixed seed: every run writes the same files.
     """
     from sklearn.datasets import load_digits
@@ -98,7 +100,7 @@ def _digit_scene(
     taken = np.zeros((size, size), dtype=bool)
     for _ in range(int(rng.integers(1, 4))):
         sample = int(rng.integers(first, last))
-        side = int(rng.integers(20, 33))
+        side = int(rng.integers(16, 27))
         for _attempt in range(10):  # avoid covering more than a quarter of an earlier digit's box
             top, left = (int(value) for value in rng.integers(0, size - side + 1, size=2))
             if taken[top : top + side, left : left + side].mean() < 0.25:
@@ -118,6 +120,7 @@ BUILTIN_DATASETS: dict[str, Callable[[Path], None]] = {
     "digits": write_digits,
     "digit_scenes": write_digit_scenes,
 }
+BUILTIN_DATASET_VERSIONS: dict[str, int] = {"digits": 1, "digit_scenes": 2}
 
 #: Embedded datasets written in the ADEChallengeData2016 layout, read by ``SegmentationDataModule``.
 SEGMENTATION_DATASETS = frozenset({"digit_scenes"})
@@ -144,7 +147,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 def materialize(path: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Write the embedded dataset ``path`` (``"builtin:<name>"``) once; return its image folder."""
     name = builtin_name(path)
-    folder = cache_root(cache_dir) / name
+    folder = cache_root(cache_dir) / f"{name}-v{BUILTIN_DATASET_VERSIONS.get(name, 1)}"
     if folder.is_dir():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm, LayerScale, get_act_layer, trunc_normal_
 
+from .fused_gated_conv import fused_gated_conv, supports_fused_activation
 from .mixers import DepthwiseConvMixer, create_mixer, mixer_arguments, stage_mixers
 from .registry import register_model
 
@@ -130,6 +131,7 @@ class GatedCNNBlock(nn.Module):
             drop_path: float = 0.,
             token_mixer: str = 'gated_conv',
             mixer_args: Optional[Dict[str, Any]] = None,
+            fused: bool = True,
     ):
         super().__init__()
         hidden = int(expansion_ratio * dim)
@@ -151,12 +153,18 @@ class GatedCNNBlock(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.ls = LayerScale(dim, init_values=ls_init_value) if ls_init_value is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.fused_activation = None
+        if fused and type(self.conv) is DepthwiseConvMixer and not self.conv.causal:
+            self.fused_activation = supports_fused_activation(self.act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        g, i, c = torch.split(self.fc1(self.norm(x)), self.split_sizes, dim=-1)
-        c = self.conv(c)
-        x = self.fc2(self.act(g) * torch.cat((i, c), dim=-1))
+        if self.fused_activation is not None:
+            x = fused_gated_conv(self.norm(x), self.fc1, self.conv, self.fc2, self.split_sizes[0], self.fused_activation)
+        else:
+            g, i, c = torch.split(self.fc1(self.norm(x)), self.split_sizes, dim=-1)
+            c = self.conv(c)
+            x = self.fc2(self.act(g) * torch.cat((i, c), dim=-1))
         return shortcut + self.drop_path(self.ls(x))
 
 
