@@ -1,11 +1,12 @@
 """Fused forward and backward of the Gated CNN block's mixing: `fc2(act(g) * cat(i, dwconv(c)))`.
 
 Computes exactly the function of the plain module code with the same parameters, but without the
-memory copies autograd would make around it: `fc1` is evaluated as two matrix products, one for
-`(g, i)` and one for `c`, so that `c` is a dense channels-last image the depthwise convolution reads
-in place; `act(g) * cat(i, conv(c))` is written straight into one buffer (no `cat`), and the backward
-writes the gradients of `g` and `i` into one buffer (no `cat` for the split's backward) and the
-weight gradients into full-size tensors by row blocks.
+copies and strided passes autograd makes around it. `fc1` is evaluated by row blocks of its weight
+(the gate of `i`, the gate of `c`, `i`, `c`), so every activation is a dense matrix: `c` is a
+channels-last image the depthwise convolution reads in place, and `act(g) * cat(i, conv(c))` is
+never concatenated; `fc2` takes the two gated halves through the matching column blocks of its
+weight. The backward mirrors this and writes the weight gradients by row blocks into full-size
+tensors, so neither the forward `cat` nor the backward of the split copies activations.
 
 Used by `GatedCNNBlock` when its token mixer is the (non-causal) depthwise convolution and its
 activation is GELU or SiLU; any other block runs the plain module code.
@@ -19,10 +20,10 @@ from torch import nn
 
 __all__ = ['fused_gated_conv', 'supports_fused_activation']
 
-# (forward, backward writing d act(x) / dx * grad into `out`)
+# (forward, backward computing d act(x) / dx * grad in place in `grad`)
 _ACTIVATIONS = {
-    'gelu': (F.gelu, lambda grad, x, out: torch.ops.aten.gelu_backward.grad_input(grad, x, grad_input=out)),
-    'silu': (F.silu, lambda grad, x, out: torch.ops.aten.silu_backward.grad_input(grad, x, grad_input=out)),
+    'gelu': (F.gelu, lambda grad, x: torch.ops.aten.gelu_backward.grad_input(grad, x, grad_input=grad)),
+    'silu': (F.silu, lambda grad, x: torch.ops.aten.silu_backward.grad_input(grad, x, grad_input=grad)),
 }
 
 
@@ -33,6 +34,13 @@ def supports_fused_activation(act: nn.Module) -> Optional[str]:
     if type(act) is nn.SiLU:
         return 'silu'
     return None
+
+
+def _fc1_row_blocks(gate_chs: int, conv_chs: int) -> Tuple[Tuple[int, int], ...]:
+    """Rows of `fc1.weight` producing the gate of `i`, the gate of `c`, `i` and `c`."""
+    identity_chs = gate_chs - conv_chs
+    bounds = (0, identity_chs, gate_chs, gate_chs + identity_chs, 2 * gate_chs)
+    return tuple(zip(bounds[:-1], bounds[1:]))
 
 
 class _FusedGatedConv(torch.autograd.Function):
@@ -54,61 +62,66 @@ class _FusedGatedConv(torch.autograd.Function):
     ) -> torch.Tensor:
         batch, height, width, dim = x.shape
         tokens = x.reshape(-1, dim)
-        gi_chs = fc1_weight.shape[0] - conv_chs
-        identity_chs = gi_chs - gate_chs
-        gi = torch.addmm(fc1_bias[:gi_chs], tokens, fc1_weight[:gi_chs].t())
-        c = torch.addmm(fc1_bias[gi_chs:], tokens, fc1_weight[gi_chs:].t())
+        identity_chs = gate_chs - conv_chs
+        gate_i, gate_c, i, c = (
+            torch.addmm(fc1_bias[start:end], tokens, fc1_weight[start:end].t())
+            for start, end in _fc1_row_blocks(gate_chs, conv_chs)
+        )
         c_image = c.view(batch, height, width, conv_chs).permute(0, 3, 1, 2)
         mixed = F.conv2d(c_image, conv_weight, conv_bias, padding=padding, groups=conv_chs)
         mixed = mixed.permute(0, 2, 3, 1).reshape(-1, conv_chs)
-        gate = _ACTIVATIONS[activation][0](gi[:, :gate_chs])
-        hidden = torch.empty_like(gate)
-        torch.mul(gate[:, :identity_chs], gi[:, gate_chs:], out=hidden[:, :identity_chs])
-        torch.mul(gate[:, identity_chs:], mixed, out=hidden[:, identity_chs:])
-        out = torch.addmm(fc2_bias, hidden, fc2_weight.t())
-        ctx.save_for_backward(tokens, fc1_weight, conv_weight, fc2_weight, gi, c_image, mixed, gate, hidden)
-        ctx.shape = (batch, height, width)
-        ctx.sizes = (gate_chs, conv_chs, padding, activation)
-        ctx.has_conv_bias = conv_bias is not None
+        act = _ACTIVATIONS[activation][0]
+        act_i, act_c = act(gate_i), act(gate_c)
+        gated_i, gated_c = act_i * i, act_c * mixed
+        out = torch.addmm(fc2_bias, gated_c, fc2_weight[:, identity_chs:].t())
+        out.addmm_(gated_i, fc2_weight[:, :identity_chs].t())
+        ctx.save_for_backward(
+            tokens, fc1_weight, conv_weight, fc2_weight, gate_i, gate_c, act_i, act_c, i, c_image, mixed,
+            gated_i, gated_c,
+        )
+        ctx.sizes = (batch, height, width, gate_chs, conv_chs, padding, activation, conv_bias is not None)
         return out.view(batch, height, width, -1)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        tokens, fc1_weight, conv_weight, fc2_weight, gi, c_image, mixed, gate, hidden = ctx.saved_tensors
-        gate_chs, conv_chs, padding, activation = ctx.sizes
-        batch, height, width = ctx.shape
-        gi_chs = gi.shape[1]
-        identity_chs = gi_chs - gate_chs
+        (tokens, fc1_weight, conv_weight, fc2_weight, gate_i, gate_c, act_i, act_c, i, c_image, mixed,
+         gated_i, gated_c) = ctx.saved_tensors
+        batch, height, width, gate_chs, conv_chs, padding, activation, has_conv_bias = ctx.sizes
+        identity_chs = gate_chs - conv_chs
         grad_out = grad_out.reshape(-1, grad_out.shape[-1])
 
-        grad_fc2_weight = grad_out.t().mm(hidden)
+        grad_fc2_weight_t = grad_out.new_empty(fc2_weight.shape[1], fc2_weight.shape[0])
+        torch.mm(gated_i.t(), grad_out, out=grad_fc2_weight_t[:identity_chs])
+        torch.mm(gated_c.t(), grad_out, out=grad_fc2_weight_t[identity_chs:])
         grad_fc2_bias = grad_out.sum(0)
-        grad_hidden = grad_out.mm(fc2_weight)
+        grad_gated_i = grad_out.mm(fc2_weight[:, :identity_chs])
+        grad_gated_c = grad_out.mm(fc2_weight[:, identity_chs:])
 
-        grad_gate = torch.empty_like(gate)
-        torch.mul(grad_hidden[:, :identity_chs], gi[:, gate_chs:], out=grad_gate[:, :identity_chs])
-        torch.mul(grad_hidden[:, identity_chs:], mixed, out=grad_gate[:, identity_chs:])
-        grad_gi = torch.empty_like(gi)
-        _ACTIVATIONS[activation][1](grad_gate, gi[:, :gate_chs], grad_gi[:, :gate_chs])
-        torch.mul(grad_hidden[:, :identity_chs], gate[:, :identity_chs], out=grad_gi[:, gate_chs:])
-        grad_mixed = grad_hidden[:, identity_chs:] * gate[:, identity_chs:]
+        act_backward = _ACTIVATIONS[activation][1]
+        grad_i = grad_gated_i * act_i
+        grad_gate_i = act_backward(grad_gated_i.mul_(i), gate_i)
+        grad_mixed = grad_gated_c * act_c
+        grad_gate_c = act_backward(grad_gated_c.mul_(mixed), gate_c)
 
         grad_mixed_image = grad_mixed.view(batch, height, width, conv_chs).permute(0, 3, 1, 2)
         grad_c_image, grad_conv_weight, grad_conv_bias = torch.ops.aten.convolution_backward(
-            grad_mixed_image, c_image, conv_weight, [conv_chs] if ctx.has_conv_bias else None,
+            grad_mixed_image, c_image, conv_weight, [conv_chs] if has_conv_bias else None,
             [1, 1], [padding, padding], [1, 1], False, [0, 0], conv_chs,
-            [True, True, ctx.has_conv_bias],
+            [True, True, has_conv_bias],
         )
         grad_c = grad_c_image.permute(0, 2, 3, 1).reshape(-1, conv_chs)
 
-        grad_tokens = grad_gi.mm(fc1_weight[:gi_chs]).addmm_(grad_c, fc1_weight[gi_chs:])
+        grads = (grad_gate_i, grad_gate_c, grad_i, grad_c)
+        grad_tokens = None
         grad_fc1_weight = torch.empty_like(fc1_weight)
-        torch.mm(grad_gi.t(), tokens, out=grad_fc1_weight[:gi_chs])
-        torch.mm(grad_c.t(), tokens, out=grad_fc1_weight[gi_chs:])
-        grad_fc1_bias = torch.cat((grad_gi.sum(0), grad_c.sum(0)))
+        for grad, (start, end) in zip(grads, _fc1_row_blocks(gate_chs, conv_chs)):
+            weight = fc1_weight[start:end]
+            grad_tokens = grad.mm(weight) if grad_tokens is None else grad_tokens.addmm_(grad, weight)
+            torch.mm(grad.t(), tokens, out=grad_fc1_weight[start:end])
+        grad_fc1_bias = torch.cat([grad.sum(0) for grad in grads])
         return (
             grad_tokens.view(batch, height, width, -1), grad_fc1_weight, grad_fc1_bias,
-            grad_conv_weight, grad_conv_bias, grad_fc2_weight, grad_fc2_bias,
+            grad_conv_weight, grad_conv_bias, grad_fc2_weight_t.t(), grad_fc2_bias,
             None, None, None, None,
         )
 
