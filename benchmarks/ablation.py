@@ -124,6 +124,9 @@ def main() -> int:
     for recipe in args.recipes:
         print(f'# fitting {recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe}', file=sys.stderr, flush=True)
         rows.append(run_recipe(recipe, args.epochs, args.root, args.extra))
+        print(f'# {json.dumps(rows[-1])}', file=sys.stderr, flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + '\n')
 
     table = [
         (row['recipe'], row['mixer'], f"{row['params']:,}", 'x'.join(str(s) for s in row['image_size']),
@@ -136,8 +139,6 @@ def main() -> int:
     headers = ('recipe', 'mixer', 'params', 'input', 'GMACs', 'GMACs@224', 'train img/s', 'fit s', 'epochs',
                'metric', 'best')
     print(format_table(headers, table, right=(False, False, True, False) + (True,) * 5 + (False, True)))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + '\n')
     return 0
 
 

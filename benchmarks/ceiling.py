@@ -1,0 +1,70 @@
+"""Ceiling: achieved FLOP/s of a training step as a share of the machine's matrix-multiply rate.
+
+The training step's FLOPs come from torch's flop counter (forward and backward: matrix products
+and convolutions); times the measured steps per second, they give the achieved rate, compared
+with a large square matrix product in the same precision on the same machine.
+"""
+import statistics
+import time
+from contextlib import nullcontext
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from common import Row
+from mambaout_pl.models import create_model
+
+
+def matmul_flops_per_second(precision: str, size: int = 2048, repeats: int = 5, device: str = 'cpu') -> float:
+    """The best of `repeats` timings of a `size`-square matrix product, in FLOP/s."""
+    dtype = torch.bfloat16 if precision == 'bf16' else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)
+    best = float('inf')
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def training_step_flops(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(images), targets).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def measure_ceiling(variant: str, precision: str, image_size: int, batch_size: int, steps: int, rounds: int) -> Row:
+    torch.manual_seed(0)
+    models = {'ours': create_model(variant), 'timm': timm.create_model(variant)}
+    images = torch.randn(batch_size, 3, image_size, image_size)
+    targets = torch.randint(0, 1000, (batch_size,))
+    flops = training_step_flops(models['ours'], images, targets)
+    autocast = torch.autocast('cpu', dtype=torch.bfloat16) if precision == 'bf16' else nullcontext()
+    rates = {name: [] for name in models}
+    optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for name, m in models.items()}
+
+    def step(name: str) -> None:
+        with autocast:
+            loss = F.cross_entropy(models[name](images), targets)
+        optimizers[name].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers[name].step()
+
+    for name in models:
+        step(name)
+    peak = []
+    for round_index in range(rounds):
+        peak.append(matmul_flops_per_second(precision))
+        for name in models if round_index % 2 == 0 else reversed(list(models)):
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(name)
+            rates[name].append(flops * steps / (time.perf_counter() - start))
+    ours, reference, timm_rate = statistics.median(rates['ours']), statistics.median(peak), statistics.median(rates['timm'])
+    return Row(f'ceiling/{variant}/train/{precision}', ours / 1e9, reference / 1e9, ours / reference, 'GFLOP/s',
+               f'ratio = share of the matmul rate; timm {timm_rate / reference:.3f}')
