@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
+from mambaout_pl.checkpointing import AtomicCheckpointIO, ModelCheckpoint, find_last_checkpoint
+from mambaout_pl.preemption import PreemptionCheckpoint
 from mambaout_pl.tasks import BaseTask
 
 
@@ -24,7 +29,10 @@ class MambaOutCLI(LightningCLI):
 
     Two checkpoint callbacks: ``checkpoint`` keeps the best epoch by ``val/top1`` (set ``monitor``
     for other tasks); ``latest_checkpoint`` keeps the latest epoch, linked as ``last.ckpt`` for
-    ``--ckpt_path last``.
+    ``--ckpt_path last``. ``preemption`` saves ``last.ckpt`` and stops on SIGTERM or SIGINT (see
+    ``PreemptionCheckpoint``). Checkpoints are written atomically (``AtomicCheckpointIO``) unless
+    the config brings its own checkpoint IO plugin. ``fit --ckpt_path last`` resumes from the
+    newest ``last*.ckpt`` of any earlier run version under the same root folder.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -47,6 +55,7 @@ class MambaOutCLI(LightningCLI):
                 "latest_checkpoint.auto_insert_metric_name": False,
             }
         )
+        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -60,7 +69,45 @@ class MambaOutCLI(LightningCLI):
         wants_bar = trainer_config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(callback, ProgressBar) for callback in callbacks):
             callbacks.append(RichProgressBar())
-        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+        plugins = trainer_config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())
+        return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """Read ``--ckpt_path`` without unpickling objects, with errors that name the file.
+
+        ``validate``, ``test`` and ``predict`` take the checkpoint's model settings, as Lightning
+        does. ``fit`` does not (Lightning would silently replace the recipe's model settings by the
+        checkpoint's): the task refuses a checkpoint whose settings differ from the recipe's.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path, map_location="cpu")
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if subcommand == "fit" or not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write(f"Parsing the model settings saved in {ckpt_path} failed.\n")
+            raise
+
+    def before_fit(self) -> None:
+        """Resolve ``--ckpt_path last`` across run versions (Lightning only looks in the new, empty one)."""
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        found = find_last_checkpoint(self.trainer)
+        if found is not None:
+            config["ckpt_path"] = str(found)
+            rank_zero_info(f"Resuming from {found}.")
 
 
 def run_cli(args: ArgsType = None) -> MambaOutCLI:

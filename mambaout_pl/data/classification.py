@@ -37,6 +37,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 
+from mambaout_pl.data.resumable import (
+    EpochShuffleSampler,
+    ResumableDataLoader,
+    SeededSamples,
+    evaluation_sampler,
+    train_loader_state,
+)
 from mambaout_pl.data.sources import (
     AnyDataset,
     ColumnNotFoundError,
@@ -46,6 +53,7 @@ from mambaout_pl.data.sources import (
     SplitNotFoundError,
     check_columns,
     check_labels,
+    check_not_empty,
     get_split,
     integer_labels,
     open_dataset,
@@ -75,7 +83,10 @@ class ImageClassificationDataModule(LightningDataModule):
         predict_split: Split for ``trainer.predict`` (labels optional; -1 allowed).
         val_fraction: Fraction of ``train_split`` held out for validation when ``val_split`` is
             missing (0 disables the hold-out).
-        seed: Seed of the validation hold-out and of the streaming shuffle.
+        seed: Seed of the validation hold-out, of the training order and augmentations (a function
+            of seed, epoch and example, so that a resumed run continues exactly; on several
+            processes Lightning's ``DistributedSampler`` orders by ``seed_everything`` instead) and
+            of the streaming shuffle.
         image_column: Column holding the images.
         label_column: Column holding the integer (or ClassLabel) labels.
         image_size: Side of the square images in a batch.
@@ -176,6 +187,7 @@ class ImageClassificationDataModule(LightningDataModule):
         self._label_names: list[str] | None = None
         # torch datasets built by setup, by role: "train", "val", "test", "predict"
         self.datasets: dict[str, torch.utils.data.Dataset] = {}
+        self._train_loader_resume_state: dict[str, int] | None = None  # from a checkpoint, for the next train loader
         self._skipped = multiprocessing.Value("q", 0)  # shared with dataloader workers
 
     # -- what the data is ---------------------------------------------------------------------
@@ -289,6 +301,7 @@ class ImageClassificationDataModule(LightningDataModule):
         """Split ``split`` with its columns and labels checked and its images left undecoded."""
         hp = self.hparams
         dataset = self._split(split, argument)
+        check_not_empty(dataset, split, argument, path=hp.path if hp.data_dir is None else hp.data_dir)
         check_columns(dataset, {"image_column": hp.image_column}, split=split)
         if labels:
             check_columns(dataset, {"label_column": hp.label_column}, split=split)
@@ -346,6 +359,17 @@ class ImageClassificationDataModule(LightningDataModule):
             return 0, 1
         return int(trainer.global_rank), int(trainer.world_size)
 
+    # -- resuming ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position (epoch, batches consumed), saved in checkpoints."""
+        state = train_loader_state(self.trainer)
+        return {"train_loader": state} if state is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Make the next training loader continue where the checkpoint's stopped."""
+        self._train_loader_resume_state = state_dict.get("train_loader")
+
     # -- dataloaders --------------------------------------------------------------------------
 
     def train_dataloader(self) -> DataLoader:
@@ -373,11 +397,24 @@ class ImageClassificationDataModule(LightningDataModule):
             self.setup({"train": "fit", "val": "validate"}.get(role, role))
         dataset = self.datasets[role]
         streamed = isinstance(dataset, StreamingClassificationSamples)
+        if train and not streamed:
+            self._train_loader_resume_state, resume_state = None, self._train_loader_resume_state
+            return ResumableDataLoader(
+                SeededSamples(dataset),
+                batch_size=batch_size,
+                sampler=EpochShuffleSampler(dataset, seed=hp.seed),
+                drop_last=hp.drop_last,
+                num_workers=hp.num_workers,
+                pin_memory=hp.pin_memory and torch.cuda.is_available(),
+                persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+                collate_fn=collate_samples,
+                resume_state=resume_state,
+            )
         loader_class = EpochReshufflingDataLoader if streamed and train else DataLoader
         loader = loader_class(
             dataset,
             batch_size=batch_size,
-            shuffle=train and not streamed,
+            sampler=None if streamed else evaluation_sampler(dataset, self.trainer),
             drop_last=train and hp.drop_last,
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),

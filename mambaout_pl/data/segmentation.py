@@ -35,6 +35,13 @@ from mambaout_pl.data.ade20k import (
     read_class_names,
     split_folder_name,
 )
+from mambaout_pl.data.resumable import (
+    EpochShuffleSampler,
+    ResumableDataLoader,
+    SeededSamples,
+    evaluation_sampler,
+    train_loader_state,
+)
 from mambaout_pl.data.segmentation_transforms import SegmentationTransform, create_segmentation_transforms
 from mambaout_pl.data.sources import (
     ColumnNotFoundError,
@@ -42,6 +49,7 @@ from mambaout_pl.data.sources import (
     DataError,
     InvalidLabelError,
     check_columns,
+    check_not_empty,
     get_split,
     open_dataset,
     open_image,
@@ -95,6 +103,9 @@ class SegmentationDataModule(LightningDataModule):
         pin_memory: Pin batches in page-locked memory for faster host-to-GPU copies (CUDA only).
         persistent_workers: Keep workers alive between epochs (only used when num_workers > 0).
         drop_last: Drop the last incomplete training batch.
+        seed: Seed of the training order and augmentations (a function of seed, epoch and
+            example, so that a resumed run continues exactly; on several processes Lightning's
+            ``DistributedSampler`` orders by ``seed_everything`` instead).
     """
 
     def __init__(
@@ -129,6 +140,7 @@ class SegmentationDataModule(LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         drop_last: bool = True,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         # The resolved class count and names reach the task (and its hyper-parameters) through the
@@ -163,6 +175,7 @@ class SegmentationDataModule(LightningDataModule):
         self._label_names: list[str] | None = None
         # torch datasets built by setup, by role: "train", "val", "test", "predict"
         self.datasets: dict[str, torch.utils.data.Dataset] = {}
+        self._train_loader_resume_state: dict[str, int] | None = None  # from a checkpoint, for the next train loader
 
     # -- what the data is ---------------------------------------------------------------------
 
@@ -272,6 +285,7 @@ class SegmentationDataModule(LightningDataModule):
     def _wrap(self, split: str, argument: str, role: str) -> SegmentationSamples:
         hp = self.hparams
         dataset = self._split(split, argument)
+        check_not_empty(dataset, split, argument, path=self._describe_source())
         check_columns(dataset, {"image_column": hp.image_column}, split=split)
         has_masks = hp.mask_column in dataset.column_names
         if role != "predict" and not has_masks:
@@ -312,6 +326,17 @@ class SegmentationDataModule(LightningDataModule):
             f"{dataset.column_names}. Set `mask_column` to the column holding the label maps."
         )
 
+    # -- resuming ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position (epoch, batches consumed), saved in checkpoints."""
+        state = train_loader_state(self.trainer)
+        return {"train_loader": state} if state is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Make the next training loader continue where the checkpoint's stopped."""
+        self._train_loader_resume_state = state_dict.get("train_loader")
+
     # -- dataloaders --------------------------------------------------------------------------
 
     def train_dataloader(self) -> DataLoader:
@@ -334,10 +359,23 @@ class SegmentationDataModule(LightningDataModule):
         hp = self.hparams
         if role not in self.datasets:
             self.setup({"train": "fit", "val": "validate"}.get(role, role))
+        if train:
+            self._train_loader_resume_state, resume_state = None, self._train_loader_resume_state
+            return ResumableDataLoader(
+                SeededSamples(self.datasets[role]),
+                batch_size=batch_size,
+                sampler=EpochShuffleSampler(self.datasets[role], seed=hp.seed),
+                drop_last=hp.drop_last,
+                num_workers=hp.num_workers,
+                pin_memory=hp.pin_memory and torch.cuda.is_available(),
+                persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+                collate_fn=collate_train,
+                resume_state=resume_state,
+            )
         return DataLoader(
             self.datasets[role],
             batch_size=batch_size,
-            shuffle=train,
+            sampler=evaluation_sampler(self.datasets[role], self.trainer),
             drop_last=train and hp.drop_last,
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),

@@ -146,6 +146,16 @@ def check_columns(dataset: AnyDataset, columns: Mapping[str, str], split: str = 
             )
 
 
+def check_not_empty(dataset: AnyDataset, split: str, argument: str, path: str = "") -> None:
+    """Raise if a map-style split has no rows (a streamed split's length is unknown until read)."""
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        of = f" of {path!r}" if path else ""
+        raise DataError(
+            f"Split {split!r}{of} is empty: it has no examples. Add data to it, or set `{argument}` to a "
+            "split that has some."
+        )
+
+
 def integer_labels(dataset: Dataset, column: str, split: str) -> np.ndarray:
     """The label column of a map-style dataset as integers, read without decoding any image.
 

@@ -53,6 +53,8 @@ class ClassificationTask(BaseTask):
             the final model (``None``: off).
         channels_last: run the network in channels-last memory format.
         compile: compile the network with ``torch.compile``.
+        nonfinite_loss: on a NaN or infinite training loss, ``"raise"`` an error naming the step and
+            the batch, or ``"skip"`` the batch (no weight changes; counted in ``train/skipped_batches``).
     """
 
     monitor = "val/top1"
@@ -86,6 +88,7 @@ class ClassificationTask(BaseTask):
         ema_decay: float | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        nonfinite_loss: str = "raise",
     ) -> None:
         if label_names is not None and len(label_names) != num_classes:
             raise ValueError(
@@ -154,6 +157,8 @@ class ClassificationTask(BaseTask):
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)
         loss = self.train_criterion(self(images), targets)
+        if not self.loss_is_usable(loss, batch_idx):
+            return self.skipped_batch_loss()
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
         return loss
 
@@ -175,7 +180,7 @@ class ClassificationTask(BaseTask):
         images, labels = self.unpack_batch(batch, "image", "label")
         logits = self(images)
         loss = self.eval_criterion(logits, labels)
-        self.log(f"{stage}/loss", loss, batch_size=images.shape[0], sync_dist=True)
+        self.log_eval_loss(stage, loss, batch_size=images.shape[0])
         metrics.update(logits, labels)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:

@@ -73,6 +73,8 @@ class SegmentationTask(BaseTask):
         num_val_images: validation images shown as image | truth | prediction pictures (0: none).
         predict_dir: folder where ``trainer.predict`` writes one palette PNG per image
             (pixel value = class index); ``None``: predictions are only returned.
+        nonfinite_loss: on a NaN or infinite training loss, ``"raise"`` an error naming the step and
+            the batch, or ``"skip"`` the batch (no weight changes; counted in ``train/skipped_batches``).
     """
 
     monitor = "val/mIoU"
@@ -118,6 +120,7 @@ class SegmentationTask(BaseTask):
         test_flip: bool = False,
         num_val_images: int = 4,
         predict_dir: str | None = None,
+        nonfinite_loss: str = "raise",
     ) -> None:
         if label_names is not None and len(label_names) != num_classes:
             raise ValueError(
@@ -183,11 +186,14 @@ class SegmentationTask(BaseTask):
         images, masks = self.unpack_batch(batch, "image", "mask")
         logits, aux_logits = self.model.forward_heads(images)
         decode_loss = self._loss(logits, masks)
-        loss = decode_loss
+        loss, aux_loss = decode_loss, None
         batch_size = images.shape[0]
         if aux_logits is not None and self.hparams.aux_weight > 0:
             aux_loss = self._loss(aux_logits, masks)
             loss = decode_loss + self.hparams.aux_weight * aux_loss
+        if not self.loss_is_usable(loss, batch_idx):
+            return self.skipped_batch_loss()
+        if aux_loss is not None:
             self.log("train/aux_loss", aux_loss, batch_size=batch_size)
         self.log("train/decode_loss", decode_loss, batch_size=batch_size)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -247,7 +253,7 @@ class SegmentationTask(BaseTask):
                 image = batch["image"][index, :, :height, :width]
                 self._pictures.append(overlay_panel(image, mask, prediction, ignore_index=self.hparams.ignore_index))
         if losses:
-            self.log(f"{stage}/loss", torch.stack(losses).mean(), batch_size=len(losses), sync_dist=True)
+            self.log_eval_loss(stage, torch.stack(losses).mean(), batch_size=len(losses))
 
     def _wants_pictures(self) -> bool:
         trainer = self._trainer
