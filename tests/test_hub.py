@@ -60,7 +60,8 @@ def test_classifier_exports_in_timm_format_with_ema_weights(image_folder: Path, 
     timm_model = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
     with torch.no_grad():
         timm_logits = timm_model(images)
-    assert torch.equal(timm_logits, task_logits(checkpoint_path, images, "mambaout_femto"))
+    # timm's plain block and our fused one compute the same function; float sums may differ in order
+    torch.testing.assert_close(timm_logits, task_logits(checkpoint_path, images, "mambaout_femto"), atol=1e-5, rtol=0)
     assert timm_model.pretrained_cfg["label_names"] == ["cat", "dog", "fish"]
 
     card = (export / "README.md").read_text()

@@ -246,7 +246,8 @@ def test_parquet_with_image_and_mask_columns(segmentation_parquet, tmp_path):
 
 def test_embedded_digit_scenes_are_labelled_scenes(tmp_path):
     # The shared test cache ($MAMBAOUT_PL_CACHE): written once for every test that uses the scenes.
-    dm = make_module(tmp_path, path="builtin:digit_scenes", crop_size=64, scale=(128, 64), cache_dir=None)
+    size = embedded.DIGIT_SCENE_SIZE
+    dm = make_module(tmp_path, path="builtin:digit_scenes", crop_size=size, scale=(2 * size, size), cache_dir=None)
     assert dm.label_names == ["background", *[str(digit) for digit in range(10)]]
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 1200 and len(dm.datasets["val"]) == 200
@@ -254,7 +255,7 @@ def test_embedded_digit_scenes_are_labelled_scenes(tmp_path):
     for index in range(20):
         scene = np.asarray(Image.open(folder / "images" / "validation" / f"scene_{index:05d}.png"))
         labels = np.asarray(Image.open(folder / "annotations" / "validation" / f"scene_{index:05d}.png"))
-        assert scene.shape == (64, 64, 3) and labels.shape == (64, 64)
+        assert scene.shape == (size, size, 3) and labels.shape == (size, size)
         assert 0.02 < (labels > 0).mean() < 0.5 and labels.max() <= 10
         # Each digit's ink differs from the background in its box: the digits are visible.
         for digit in set(np.unique(labels).tolist()) - {0}:
@@ -264,7 +265,7 @@ def test_embedded_digit_scenes_are_labelled_scenes(tmp_path):
             if len(background):
                 assert np.abs(ink.mean(0) - background.mean(0)).max() > 40
     batch = next(iter(dm.train_dataloader()))
-    assert batch["image"].shape == (2, 3, 64, 64) and batch["mask"].max() <= 255
+    assert batch["image"].shape == (2, 3, size, size) and batch["mask"].max() <= 255
 
     with pytest.raises(DataError, match="is a segmentation dataset"):
         open_dataset("builtin:digit_scenes")
