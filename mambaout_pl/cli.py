@@ -136,7 +136,7 @@ def main(args: list[str] | None = None) -> int | None:
     if argv and argv[0] in TOOL_COMMANDS:
         module_name, function_name = TOOL_COMMANDS[argv[0]].split(":")
         return getattr(importlib.import_module(module_name), function_name)(argv[1:])
-    run_cli(argv)
+    run_cli(args)  # None: Lightning reads the command line itself
     return None
 
 

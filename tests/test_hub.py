@@ -193,13 +193,19 @@ def test_push_creates_the_repo_and_uploads_the_export(image_folder: Path, tmp_pa
 
 
 def test_push_at_the_end_of_fit_from_a_recipe_callback(image_folder: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    secret = "hf_secret_token_of_the_recipe_test"
+    monkeypatch.setenv("HF_TOKEN", secret)
     monkeypatch.setattr(hub, "HfApi", RecordingHfApi)
     callback = '[{"class_path": "mambaout_pl.hub.PushToHubCallback", "init_args": {"repo_id": "user/quick"}}]'
     main(["fit", f"--config={QUICKSTART}", *small_run_args(tmp_path, image_folder), f"--trainer.callbacks={callback}"])
     upload = RecordingHfApi.last.calls[-1]
     assert upload[0] == "upload_folder" and upload[1]["repo_id"] == "user/quick"
     assert sorted(upload[1]["files"]) == ["README.md", "config.json", "model.safetensors"]
+    assert RecordingHfApi.last.token == secret
+    # The token reached the Hub client only: no config, hyper-parameter file, log or checkpoint holds it.
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert {path.suffix for path in written} >= {".yaml", ".ckpt"} and any("tfevents" in p.name for p in written)
+    assert [path for path in written if secret.encode() in path.read_bytes()] == []
 
 
 @pytest.mark.parametrize("repo_id", ["no-slash", "user/name/extra", "user/bad name"])

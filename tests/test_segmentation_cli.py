@@ -81,13 +81,18 @@ def test_every_segmentation_recipe_fits_on_an_ade20k_layout_folder(recipe: Path,
     assert [tag for tag in events.Tags()["images"] if tag.startswith("val/examples/")]  # the pictures
 
 
-def test_quickstart_segmentation_trains_and_validates_its_best_checkpoint(tmp_path: Path) -> None:
+def test_quickstart_segmentation_learns_and_validates_its_best_checkpoint(tmp_path: Path) -> None:
     recipe = ROOT / "recipes" / "quickstart_segmentation.yaml"
     quiet = ["--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"]
-    fit = run_cli(["fit", f"--config={recipe}", "--trainer.max_epochs=2", "--trainer.limit_train_batches=8", *quiet])
-    best_score = fit.trainer.checkpoint_callback.best_model_score.item()
-    assert 0.0 < best_score <= 1.0
+    fit = run_cli(["fit", f"--config={recipe}", "--trainer.max_epochs=10", "--trainer.num_sanity_val_steps=0", *quiet])
+    metrics = fit.trainer.callback_metrics
+    # Background everywhere scores mIoU 0.080 (its IoU, 0.884, over 11 classes) and mAcc 0.091; the
+    # digits' identity shows after about 6 epochs (the whole 20-epoch recipe reaches about 0.47).
+    assert metrics["val/mIoU"].item() > 0.12
+    assert metrics["val/mAcc"].item() > 0.15
+    assert metrics["val/IoU/background"].item() > 0.884
 
+    best_score = fit.trainer.checkpoint_callback.best_model_score.item()
     validate = run_cli(
         ["validate", f"--config={recipe}", f"--ckpt_path={fit.trainer.checkpoint_callback.best_model_path}", *quiet]
     )
