@@ -74,7 +74,7 @@ class _FusedGatedConv(torch.autograd.Function):
         act_i, act_c = act(gate_i), act(gate_c)
         gated_i, gated_c = act_i * i, act_c * mixed
         out = torch.addmm(fc2_bias, gated_c, fc2_weight[:, identity_chs:].t())
-        out.addmm_(gated_i, fc2_weight[:, :identity_chs].t())
+        out = torch.addmm(out, gated_i, fc2_weight[:, :identity_chs].t())  # not addmm_: flop counters skip it
         ctx.save_for_backward(
             tokens, fc1_weight, conv_weight, fc2_weight, gate_i, gate_c, act_i, act_c, i, c_image, mixed,
             gated_i, gated_c,
@@ -126,6 +126,13 @@ class _FusedGatedConv(torch.autograd.Function):
         )
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device without autocast, such as 'meta'
+        return False
+
+
 def fused_gated_conv(
         x: torch.Tensor,
         fc1: nn.Linear,
@@ -142,7 +149,7 @@ def fused_gated_conv(
     """
     weights = (fc1.weight, fc1.bias, conv.weight, conv.bias, fc2.weight, fc2.bias)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if _autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x = x.to(dtype)
         weights = tuple(None if w is None else w.to(dtype) for w in weights)
