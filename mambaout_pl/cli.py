@@ -15,7 +15,9 @@ from typing import Any
 
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -73,7 +75,9 @@ class MambaOutCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             plugins.append(AtomicCheckpointIO())
-        return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
+        trainer = super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
+        check_output_folders(trainer, self.model)
+        return trainer
 
     def _parse_ckpt_path(self) -> None:
         """Read ``--ckpt_path`` without unpickling objects, with errors that name the file.
@@ -108,6 +112,36 @@ class MambaOutCLI(LightningCLI):
         if found is not None:
             config["ckpt_path"] = str(found)
             rank_zero_info(f"Resuming from {found}.")
+
+
+class OutputPathError(ValueError):
+    """A folder from the config that the run would write to lies outside ``trainer.default_root_dir``."""
+
+
+def check_output_folders(trainer: Trainer, model: Any) -> None:
+    """Refuse checkpoint, log and prediction folders outside ``trainer.default_root_dir``.
+
+    Everything a run writes stays under its root folder, so a config can neither scatter files nor
+    overwrite files elsewhere; exports go where ``mambaout export`` is told.
+    """
+    root = Path(trainer.default_root_dir).resolve()
+    folders: list[tuple[str, Any]] = []
+    for callback in trainer.callbacks:
+        if isinstance(callback, LightningModelCheckpoint) and callback.dirpath:
+            folders.append((f"{type(callback).__name__}.dirpath", callback.dirpath))
+    for logger in trainer.loggers:
+        if isinstance(logger, (TensorBoardLogger, CSVLogger)):
+            folders.append((f"{type(logger).__name__}.save_dir", logger.save_dir))
+    predict_dir = (getattr(model, "hparams", None) or {}).get("predict_dir")
+    if predict_dir:
+        folders.append(("model.predict_dir", predict_dir))
+    for key, folder in folders:
+        if not Path(folder).resolve().is_relative_to(root):
+            raise OutputPathError(
+                f"{key} = '{folder}' lies outside trainer.default_root_dir ('{root}'), and a run writes only "
+                "under its root folder. Give a folder inside it, or set --trainer.default_root_dir to a folder "
+                "that contains it."
+            )
 
 
 def run_cli(args: ArgsType = None) -> MambaOutCLI:

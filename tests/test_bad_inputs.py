@@ -25,7 +25,7 @@ from conftest import IMAGE_FOLDER_COLOURS, write_ade20k_folder, write_image_fold
 from helpers import small_run_args
 
 from mambaout_pl.checkpointing import CheckpointError
-from mambaout_pl.cli import main, run_cli
+from mambaout_pl.cli import OutputPathError, main, run_cli
 from mambaout_pl.data import CorruptImageError, DataError, DataNotFoundError, ImageClassificationDataModule, SegmentationDataModule
 from mambaout_pl.data.sources import ColumnNotFoundError, InvalidLabelError, SplitNotFoundError
 from mambaout_pl.tasks.base import CheckpointMismatchError
@@ -181,6 +181,8 @@ CLI_CASES: list[tuple[str, Builder, type[BaseException], str]] = [
     ("checkpoint with pickled objects", pickled_checkpoint, CheckpointError, r"Refusing to load '.*pickled\.ckpt'"),
     ("resume with another network", lambda r, i, s, c: fit_args(r, i, f"--model.backbone_args={OTHER_BACKBONE}", f"--ckpt_path={c}"), CheckpointMismatchError, r"last\.ckpt' does not fit.*different shapes.*backbone_args"),
     ("resume with another recipe", lambda r, i, s, c: fit_args(r, i, "--model.lr=0.5", f"--ckpt_path={c}"), CheckpointMismatchError, r"last\.ckpt' was written with other model settings.*'lr': \(0\.002, 0\.5\)"),
+    ("checkpoint folder outside the root", lambda r, i, s, c: fit_args(r, i, f"--checkpoint.dirpath={r / '..' / 'elsewhere'}"), OutputPathError, r"ModelCheckpoint\.dirpath = '.*elsewhere' lies outside trainer\.default_root_dir"),
+    ("log folder outside the root", lambda r, i, s, c: fit_args(r, i, f'--trainer.logger={{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {{"save_dir": "{s}"}}}}'), OutputPathError, r"CSVLogger\.save_dir = '.*scratch' lies outside"),
 ]
 
 
