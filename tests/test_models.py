@@ -90,6 +90,16 @@ def test_fused_block_matches_plain_block(act_layer, conv_ratio):
     torch.testing.assert_close(fused_bf16.float(), plain_bf16.float(), atol=0.05, rtol=0.05)
 
 
+def test_fused_blocks_can_be_turned_off():
+    fused, plain = create_model('mambaout_femto'), create_model('mambaout_femto', fused_blocks=False)
+    assert {b.fused_activation for b in fused.modules() if isinstance(b, mambaout_module.GatedCNNBlock)} == {'gelu'}
+    assert {b.fused_activation for b in plain.modules() if isinstance(b, mambaout_module.GatedCNNBlock)} == {None}
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(x), plain.eval()(x), atol=1e-5, rtol=0)
+
+
 def test_fused_path_only_for_what_it_computes():
     assert mambaout_module.GatedCNNBlock(16, act_layer=nn.GELU).fused_activation == 'gelu'
     assert mambaout_module.GatedCNNBlock(16, act_layer=lambda: nn.GELU(approximate='tanh')).fused_activation is None

@@ -189,6 +189,7 @@ class MambaOutStage(nn.Module):
             drop_path: Union[float, Sequence[float]] = 0.,
             token_mixer: str = 'gated_conv',
             mixer_args: Optional[Dict[str, Any]] = None,
+            fused: bool = True,
     ):
         super().__init__()
         dim_out = dim_out or dim
@@ -217,6 +218,7 @@ class MambaOutStage(nn.Module):
                 drop_path=rate,
                 token_mixer=token_mixer,
                 mixer_args=mixer_args,
+                fused=fused,
             )
             for rate in drop_path_rates
         ])
@@ -336,6 +338,8 @@ class MambaOut(nn.Module):
         window_size: 'attention' window side; None (the default) attends over the whole stage.
         d_state: 'ssm' state size per channel (default 16).
         mixer_args: Further mixer arguments, e.g. {'max_tokens': 16384} or {'dt_rank': 8}.
+        fused_blocks: Run the depthwise-conv blocks' mixing as one fused function (the default; same
+            outputs, faster); False runs the plain module code.
 
         Each mixer argument is one value, or a list with one entry per stage (None: the mixer's
         default). An argument no chosen mixer takes is an error.
@@ -369,6 +373,7 @@ class MambaOut(nn.Module):
             window_size: Union[None, int, Sequence[Optional[int]]] = None,
             d_state: Union[None, int, Sequence[Optional[int]]] = None,
             mixer_args: Optional[Dict[str, Any]] = None,
+            fused_blocks: bool = True,
     ):
         super().__init__()
         depths, dims = tuple(depths), tuple(dims)
@@ -412,6 +417,7 @@ class MambaOut(nn.Module):
                 drop_path=drop_path_rates[i].tolist(),
                 token_mixer=mixers[i][0],
                 mixer_args=mixers[i][1],
+                fused=fused_blocks,
             ))
             self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f'stages.{i}'))
             prev_dim = dim
