@@ -37,13 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 
-from mambaout_pl.data.resumable import (
-    EpochShuffleSampler,
-    ResumableDataLoader,
-    SeededSamples,
-    evaluation_sampler,
-    train_loader_state,
-)
+from mambaout_pl.data.resumable import ResumableTrainData, evaluation_sampler
 from mambaout_pl.data.sources import (
     AnyDataset,
     ColumnNotFoundError,
@@ -64,7 +58,7 @@ from mambaout_pl.data.transforms import create_classification_transforms
 Batch = dict[str, torch.Tensor]
 
 
-class ImageClassificationDataModule(LightningDataModule):
+class ImageClassificationDataModule(ResumableTrainData, LightningDataModule):
     """Image classification batches from a Hub dataset, an image folder, parquet or ``builtin:digits``.
 
     Args:
@@ -187,7 +181,6 @@ class ImageClassificationDataModule(LightningDataModule):
         self._label_names: list[str] | None = None
         # torch datasets built by setup, by role: "train", "val", "test", "predict"
         self.datasets: dict[str, torch.utils.data.Dataset] = {}
-        self._train_loader_resume_state: dict[str, int] | None = None  # from a checkpoint, for the next train loader
         self._skipped = multiprocessing.Value("q", 0)  # shared with dataloader workers
 
     # -- what the data is ---------------------------------------------------------------------
@@ -359,17 +352,6 @@ class ImageClassificationDataModule(LightningDataModule):
             return 0, 1
         return int(trainer.global_rank), int(trainer.world_size)
 
-    # -- resuming ---------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """The training loader's position (epoch, batches consumed), saved in checkpoints."""
-        state = train_loader_state(self.trainer)
-        return {"train_loader": state} if state is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Make the next training loader continue where the checkpoint's stopped."""
-        self._train_loader_resume_state = state_dict.get("train_loader")
-
     # -- dataloaders --------------------------------------------------------------------------
 
     def train_dataloader(self) -> DataLoader:
@@ -398,18 +380,7 @@ class ImageClassificationDataModule(LightningDataModule):
         dataset = self.datasets[role]
         streamed = isinstance(dataset, StreamingClassificationSamples)
         if train and not streamed:
-            self._train_loader_resume_state, resume_state = None, self._train_loader_resume_state
-            return ResumableDataLoader(
-                SeededSamples(dataset),
-                batch_size=batch_size,
-                sampler=EpochShuffleSampler(dataset, seed=hp.seed),
-                drop_last=hp.drop_last,
-                num_workers=hp.num_workers,
-                pin_memory=hp.pin_memory and torch.cuda.is_available(),
-                persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-                collate_fn=collate_samples,
-                resume_state=resume_state,
-            )
+            return self.resumable_train_loader(dataset, batch_size, collate_samples)
         loader_class = EpochReshufflingDataLoader if streamed and train else DataLoader
         loader = loader_class(
             dataset,

@@ -35,13 +35,7 @@ from mambaout_pl.data.ade20k import (
     read_class_names,
     split_folder_name,
 )
-from mambaout_pl.data.resumable import (
-    EpochShuffleSampler,
-    ResumableDataLoader,
-    SeededSamples,
-    evaluation_sampler,
-    train_loader_state,
-)
+from mambaout_pl.data.resumable import ResumableTrainData, evaluation_sampler
 from mambaout_pl.data.segmentation_transforms import SegmentationTransform, create_segmentation_transforms
 from mambaout_pl.data.sources import (
     ColumnNotFoundError,
@@ -62,7 +56,7 @@ Batch = dict[str, Any]
 _INDEX_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "1")
 
 
-class SegmentationDataModule(LightningDataModule):
+class SegmentationDataModule(ResumableTrainData, LightningDataModule):
     """Semantic segmentation batches from an ADE20K-layout folder, a Hub dataset, parquet or ``builtin:digit_scenes``.
 
     Args:
@@ -175,7 +169,6 @@ class SegmentationDataModule(LightningDataModule):
         self._label_names: list[str] | None = None
         # torch datasets built by setup, by role: "train", "val", "test", "predict"
         self.datasets: dict[str, torch.utils.data.Dataset] = {}
-        self._train_loader_resume_state: dict[str, int] | None = None  # from a checkpoint, for the next train loader
 
     # -- what the data is ---------------------------------------------------------------------
 
@@ -326,17 +319,6 @@ class SegmentationDataModule(LightningDataModule):
             f"{dataset.column_names}. Set `mask_column` to the column holding the label maps."
         )
 
-    # -- resuming ---------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """The training loader's position (epoch, batches consumed), saved in checkpoints."""
-        state = train_loader_state(self.trainer)
-        return {"train_loader": state} if state is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Make the next training loader continue where the checkpoint's stopped."""
-        self._train_loader_resume_state = state_dict.get("train_loader")
-
     # -- dataloaders --------------------------------------------------------------------------
 
     def train_dataloader(self) -> DataLoader:
@@ -360,27 +342,15 @@ class SegmentationDataModule(LightningDataModule):
         if role not in self.datasets:
             self.setup({"train": "fit", "val": "validate"}.get(role, role))
         if train:
-            self._train_loader_resume_state, resume_state = None, self._train_loader_resume_state
-            return ResumableDataLoader(
-                SeededSamples(self.datasets[role]),
-                batch_size=batch_size,
-                sampler=EpochShuffleSampler(self.datasets[role], seed=hp.seed),
-                drop_last=hp.drop_last,
-                num_workers=hp.num_workers,
-                pin_memory=hp.pin_memory and torch.cuda.is_available(),
-                persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-                collate_fn=collate_train,
-                resume_state=resume_state,
-            )
+            return self.resumable_train_loader(self.datasets[role], batch_size, collate_train)
         return DataLoader(
             self.datasets[role],
             batch_size=batch_size,
             sampler=evaluation_sampler(self.datasets[role], self.trainer),
-            drop_last=train and hp.drop_last,
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-            collate_fn=collate_train if train else EvalCollate(hp.ignore_index),
+            collate_fn=EvalCollate(hp.ignore_index),
         )
 
 
