@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 # Set before `datasets` / `huggingface_hub` are imported: they read these once, at import.
 _SANDBOX = Path(tempfile.mkdtemp(prefix="mambaout-pl-tests-"))
@@ -122,3 +123,12 @@ def segmentation_parquet(tmp_path: Path) -> dict[str, str]:
         "train": str(write_segmentation_parquet(tmp_path / "train.parquet", count=4)),
         "validation": str(write_segmentation_parquet(tmp_path / "validation.parquet", count=2)),
     }
+
+
+@pytest.fixture
+def one_thread():
+    """For tiny runs: one thread avoids waiting on thread pools when other jobs share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

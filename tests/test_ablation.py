@@ -41,13 +41,7 @@ def quickstart_and_mixer(recipe: Path) -> tuple[str, str]:
     raise AssertionError(f"{recipe.name} is not <quickstart>_<mixer>.yaml")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These runs are tiny: one thread avoids waiting on thread pools when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_mixer_has_a_recipe_per_quick_start():

@@ -24,13 +24,7 @@ PAPER = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The timed models here are tiny: one thread avoids waiting on thread pools when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rows_by_task(rows):

@@ -221,7 +221,7 @@ def test_push_without_a_token_says_how_to_log_in(tmp_path: Path, monkeypatch) ->
 
 
 def test_segmentation_checkpoint_exports_in_our_format_and_loads_strictly(ade20k_folder: Path, tmp_path: Path) -> None:
-    from test_segmentation_cli import small_segmentation_args
+    from helpers import small_segmentation_args
 
     recipe = Path(__file__).parents[1] / "recipes" / "quickstart_segmentation.yaml"
     main(["fit", f"--config={recipe}", *small_segmentation_args(tmp_path / "run", ade20k_folder)])

@@ -9,6 +9,8 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from helpers import small_segmentation_args
+
 from mambaout_pl.cli import main, run_cli
 from mambaout_pl.data import ADE20K_CLASSES
 from mambaout_pl.models import create_model
@@ -19,33 +21,6 @@ SEGMENTATION_RECIPES = sorted(
     for recipe in (ROOT / "recipes").glob("*.yaml")
     if yaml.safe_load(recipe.read_text())["model"]["class_path"].endswith(".SegmentationTask")
 )
-
-
-def small_segmentation_args(root: Path, ade20k_folder: Path) -> list[str]:
-    """Swap a segmentation recipe's data for the generated ADE20K-layout folder; two CPU steps, then validation."""
-    return [
-        f"--trainer.default_root_dir={root}",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        "--trainer.strategy=auto",
-        "--trainer.num_nodes=1",
-        "--trainer.sync_batchnorm=false",
-        "--trainer.max_epochs=1",
-        "--trainer.max_steps=2",
-        "--trainer.limit_train_batches=2",
-        "--trainer.val_check_interval=2",
-        "--trainer.limit_val_batches=2",
-        "--trainer.enable_progress_bar=false",
-        f"--data.data_dir={ade20k_folder}",
-        "--data.reduce_zero_label=true",
-        "--data.crop_size=32",
-        "--data.scale=[64,32]",
-        "--data.batch_size=2",
-        "--data.eval_batch_size=1",
-        "--data.num_workers=0",
-        "--model.slide_crop_size=[24,24]",
-        "--model.slide_stride=[16,16]",
-    ]
 
 
 def test_there_are_segmentation_recipes():
