@@ -1,4 +1,5 @@
 """Token mixers against naive references, causality, gradients, the per-stage choice and bad input."""
+import functools
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from mambaout_pl.models import mixers
 from mambaout_pl.models.mixers import (
     AttentionMixer,
     DepthwiseConvMixer,
+    MixerSpec,
     SelectiveScanMixer,
     create_mixer,
     selective_scan,
@@ -342,8 +344,10 @@ def test_arguments_that_no_chosen_mixer_takes():
                      window_size=[7, 7, None, None])
     with pytest.raises(ValueError, match="takes no argument 'kernel'"):
         create_mixer('gated_conv', 8, kernel=3)
-    with pytest.raises(ValueError, match='not inside mixer_args'):
-        create_model('mambaout_femto', token_mixer='ssm', mixer_args={'scan': 'cross'})
+    with pytest.raises(ValueError, match='scan given both by name and inside mixer_args'):
+        create_model('mambaout_femto', token_mixer='ssm', scan='raster', mixer_args={'scan': 'cross'})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'scna'.*scan"):
+        create_model('mambaout_femto', token_mixer='ssm', scna='cross')
 
 
 def test_attention_heads_must_divide_the_channels():
@@ -362,10 +366,52 @@ def test_attention_over_a_huge_stage_needs_windows():
 
 
 def test_stage_mixers_resolves_values_per_stage():
-    assert stage_mixers(2, 'ssm', {'scan': 'cross', 'causal': None}) == [('ssm', {'scan': 'cross'})] * 2
+    assert stage_mixers(2, 'ssm', {'scan': 'cross', 'causal': None}) == [MixerSpec('ssm', {'scan': 'cross'})] * 2
     assert stage_mixers(2, ['gated_conv', 'attention'], {'causal': True}) == [
-        ('gated_conv', {'causal': True}), ('attention', {'causal': True})]
-    assert stage_mixers(2, ['ssm', 'attention'], {'window_size': 7}) == [('ssm', {}), ('attention', {'window_size': 7})]
+        MixerSpec('gated_conv', {'causal': True}), MixerSpec('attention', {'causal': True})]
+    assert stage_mixers(2, ['ssm', 'attention'], {'window_size': 7}) == [
+        MixerSpec('ssm'), MixerSpec('attention', {'window_size': 7})]
+
+
+def test_mixer_args_dict_and_names_build_the_same_model():
+    torch.manual_seed(0)
+    by_dict = create_model('mambaout_femto', token_mixer='ssm', mixer_args={'scan': 'cross', 'd_state': 4})
+    torch.manual_seed(0)
+    by_name = create_model('mambaout_femto', token_mixer='ssm', scan='cross', d_state=4)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(by_dict(x), by_name(x), atol=0, rtol=0)
+    assert by_dict.stages[0].blocks[0].conv.scan == 'cross' and by_dict.stages[0].blocks[0].conv.d_state == 4
+
+
+class ShiftMixer(torch.nn.Module):
+    """A user token mixer: a learned scale of the tokens shifted one row down."""
+
+    def __init__(self, dim, shift=1):
+        super().__init__()
+        self.shift = shift
+        self.scale = torch.nn.Parameter(torch.full((dim,), 2.))
+
+    def forward(self, x):
+        return torch.roll(x, self.shift, dims=1) * self.scale
+
+
+def test_layer_factories_reach_the_blocks_unchanged():
+    spec = MixerSpec('attention', {'causal': True, 'num_heads': 2})
+    model = small_model(token_mixer=[functools.partial(ShiftMixer, shift=2), 'gated_conv', spec, spec], kernel_size=5)
+    first = [stage.blocks[0].conv for stage in model.stages]
+    assert type(first[0]) is ShiftMixer and first[0].shift == 2 and first[0].scale.shape == (16,)
+    assert first[1].kernel_size == (5, 5)  # a name takes the model's kernel_size
+    assert (first[2].causal, first[2].num_heads) == (True, 2)
+    x = torch.randn(1, 3, 4, 16)
+    torch.testing.assert_close(first[0](x), torch.roll(x, 2, dims=1) * 2.)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+    assert MixerSpec('ssm').with_defaults(kernel_size=3)(8).conv.kernel_size == (3, 3)
+    assert MixerSpec('ssm', {'kernel_size': 5}).with_defaults(kernel_size=3)(8).conv.kernel_size == (5, 5)
+    with pytest.raises(ValueError, match=r"causal=True does not apply to token_mixer \['ShiftMixer', 'ssm', 'ssm', 'ssm'\]"):
+        small_model(token_mixer=[ShiftMixer, 'ssm', 'ssm', 'ssm'], causal=True)
+    with pytest.raises(ValueError, match="token_mixer 'ssm' takes no argument 'causal'"):
+        MixerSpec('ssm', {'causal': True})
 
 
 # The CUDA kernel

@@ -5,7 +5,7 @@ import torch
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from mambaout_pl.models import MambaOut, UnknownModelError, create_model, list_models, register_model
+from mambaout_pl.models import MambaOut, MixerSpec, UnknownModelError, create_model, list_models, register_model
 from mambaout_pl.models import mambaout as mambaout_module
 from mambaout_pl.models import registry
 
@@ -104,7 +104,7 @@ def test_fused_path_only_for_what_it_computes():
     assert mambaout_module.GatedCNNBlock(16, act_layer=nn.GELU).fused_activation == 'gelu'
     assert mambaout_module.GatedCNNBlock(16, act_layer=lambda: nn.GELU(approximate='tanh')).fused_activation is None
     assert mambaout_module.GatedCNNBlock(16, act_layer=nn.ReLU).fused_activation is None
-    assert mambaout_module.GatedCNNBlock(16, token_mixer='gated_conv', mixer_args={'causal': True}).fused_activation is None
+    assert mambaout_module.GatedCNNBlock(16, token_mixer=MixerSpec('gated_conv', {'causal': True})).fused_activation is None
     assert mambaout_module.GatedCNNBlock(16, token_mixer='attention').fused_activation is None
 
 

@@ -1,5 +1,6 @@
 """Models: MambaOut, a registry that also reaches timm's models, and checkpoint loading."""
 from .registry import UnknownModelError, create_model, list_models, register_model
+from .mixers import MixerSpec
 from .mambaout import MambaOut
 from .pretrained import (
     CheckpointError,
@@ -19,6 +20,7 @@ __all__ = [
     'create_model',
     'list_models',
     'register_model',
+    'MixerSpec',
     'load_pretrained',
     'from_pretrained',
     'read_state_dict',

@@ -18,7 +18,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm, LayerScale, get_act_layer, trunc_normal_
 
 from .fused_gated_conv import fused_gated_conv, supports_fused_activation
-from .mixers import DepthwiseConvMixer, create_mixer, mixer_arguments, stage_mixers
+from .mixers import TOKEN_MIXERS, DepthwiseConvMixer, MixerLayer, mixer_arguments, mixer_layer, stage_mixers
 from .registry import register_model
 
 __all__ = [
@@ -114,8 +114,9 @@ class GatedCNNBlock(nn.Module):
     part `c` (`conv_ratio * dim` channels, mixed over the tokens by `conv`);
     `out = x + drop_path(ls(fc2(act(g) * cat(i, conv(c)))))`.
 
-    `conv` holds the token mixer named by `token_mixer` (see `mixers.py`): MambaOut's depthwise
-    conv by default, or an SSM (which makes this a Mamba block) or attention. The attribute keeps
+    `conv` holds the token mixer `token_mixer(conv_chs)` builds (see `mixers/`): MambaOut's
+    depthwise conv by default, or an SSM (which makes this a Mamba block) or attention. A mixer
+    name or `MixerSpec` that leaves `kernel_size` unset takes the block's. The attribute keeps
     timm's name, so the default block's state dict is timm's.
     """
 
@@ -129,8 +130,7 @@ class GatedCNNBlock(nn.Module):
             norm_layer: Type[nn.Module] = LayerNorm,
             act_layer: Type[nn.Module] = nn.GELU,
             drop_path: float = 0.,
-            token_mixer: str = 'gated_conv',
-            mixer_args: Optional[Dict[str, Any]] = None,
+            token_mixer: MixerLayer = 'gated_conv',
             fused: bool = True,
     ):
         super().__init__()
@@ -145,11 +145,7 @@ class GatedCNNBlock(nn.Module):
         self.norm = norm_layer(dim)
         self.fc1 = nn.Linear(dim, 2 * hidden)
         self.act = act_layer()
-        mixer_args = dict(mixer_args or {})
-        if 'kernel_size' in mixer_arguments(token_mixer):
-            mixer_args.setdefault('kernel_size', kernel_size)
-        self.token_mixer = token_mixer
-        self.conv = create_mixer(token_mixer, conv_chs, **mixer_args)
+        self.conv = mixer_layer(token_mixer, kernel_size=kernel_size)(conv_chs)
         self.fc2 = nn.Linear(hidden, dim)
         self.ls = LayerScale(dim, init_values=ls_init_value) if ls_init_value is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -171,7 +167,7 @@ class GatedCNNBlock(nn.Module):
 class MambaOutStage(nn.Module):
     """An optional downsampling layer followed by `depth` Gated CNN blocks, NHWC in and out.
 
-    `token_mixer` and `mixer_args` choose the mixer of every block of the stage (see `GatedCNNBlock`).
+    `token_mixer` is the mixer layer of every block of the stage (see `GatedCNNBlock`).
     """
 
     def __init__(
@@ -187,8 +183,7 @@ class MambaOutStage(nn.Module):
             norm_layer: Type[nn.Module] = LayerNorm,
             act_layer: Type[nn.Module] = nn.GELU,
             drop_path: Union[float, Sequence[float]] = 0.,
-            token_mixer: str = 'gated_conv',
-            mixer_args: Optional[Dict[str, Any]] = None,
+            token_mixer: MixerLayer = 'gated_conv',
             fused: bool = True,
     ):
         super().__init__()
@@ -217,7 +212,6 @@ class MambaOutStage(nn.Module):
                 act_layer=act_layer,
                 drop_path=rate,
                 token_mixer=token_mixer,
-                mixer_args=mixer_args,
                 fused=fused,
             )
             for rate in drop_path_rates
@@ -326,23 +320,23 @@ class MambaOut(nn.Module):
         head_act_layer: Activation of the head MLP (GELU in every variant, SiLU ones included).
         drop_rate: Dropout before the final classifier.
         drop_path_rate: Stochastic depth rate of the last block, rising linearly from 0 over all blocks.
-        token_mixer: Mixer of the blocks, one for all stages or a list with one per stage:
-            'gated_conv' (MambaOut's depthwise conv), 'ssm' (Mamba's conv + selective scan) or
-            'attention' (multi-head self-attention). See `mixers.py`.
-        scan: 'ssm' token order: 'raster' (the default; causal, as Mamba), 'bidirectional' (as
-            Vision Mamba) or 'cross' (four directions, as VMamba).
-        causal: 'attention' and 'gated_conv': each token sees only the tokens at or before it in
-            raster order (default False).
-        num_heads: 'attention' heads (default: channels // head_dim).
-        head_dim: 'attention' channels per head when num_heads is unset (default 32).
-        window_size: 'attention' window side; None (the default) attends over the whole stage.
-        d_state: 'ssm' state size per channel (default 16).
-        mixer_args: Further mixer arguments, e.g. {'max_tokens': 16384} or {'dt_rank': 8}.
+        token_mixer: Mixer layer of the blocks, one for all stages or a list with one per stage:
+            'gated_conv' (MambaOut's depthwise conv), 'ssm' (Mamba's conv + selective scan),
+            'attention' (multi-head self-attention), a `MixerSpec`, or any callable
+            `(dim) -> nn.Module`. See `mixers/`.
+        mixer_args: Arguments of the named mixers, e.g. {'scan': 'cross'} or {'causal': True}.
         fused_blocks: Run the depthwise-conv blocks' mixing as one fused function (the default; same
             outputs, faster); False runs the plain module code.
+        **kwargs: Mixer arguments by name, as in `mixer_args`:
+            scan: 'ssm' token order: 'raster' (the default; causal, as Mamba), 'bidirectional' (as
+                Vision Mamba) or 'cross' (four directions, as VMamba).
+            causal: 'attention' and 'gated_conv': each token sees only the tokens at or before it
+                in raster order (default False).
+            num_heads, head_dim (default 32), window_size (None: the whole stage), max_tokens:
+                'attention'; d_state (default 16), dt_rank, chunk_size: 'ssm'.
 
         Each mixer argument is one value, or a list with one entry per stage (None: the mixer's
-        default). An argument no chosen mixer takes is an error.
+        default). An argument no named mixer takes is an error.
     """
 
     def __init__(
@@ -365,15 +359,10 @@ class MambaOut(nn.Module):
             head_act_layer: LayerType = nn.GELU,
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
-            token_mixer: Union[str, Sequence[str]] = 'gated_conv',
-            scan: Union[None, str, Sequence[Optional[str]]] = None,
-            causal: Union[None, bool, Sequence[Optional[bool]]] = None,
-            num_heads: Union[None, int, Sequence[Optional[int]]] = None,
-            head_dim: Union[None, int, Sequence[Optional[int]]] = None,
-            window_size: Union[None, int, Sequence[Optional[int]]] = None,
-            d_state: Union[None, int, Sequence[Optional[int]]] = None,
+            token_mixer: Union[MixerLayer, Sequence[MixerLayer]] = 'gated_conv',
             mixer_args: Optional[Dict[str, Any]] = None,
             fused_blocks: bool = True,
+            **kwargs: Any,
     ):
         super().__init__()
         depths, dims = tuple(depths), tuple(dims)
@@ -381,12 +370,7 @@ class MambaOut(nn.Module):
             raise ValueError(f'depths {depths} and dims {dims} must have one entry per stage.')
         if head_fn not in ('default', 'norm_mlp'):
             raise ValueError(f"Unknown head_fn '{head_fn}', expected 'default' or 'norm_mlp'.")
-        named_args = dict(scan=scan, causal=causal, num_heads=num_heads, head_dim=head_dim,
-                          window_size=window_size, d_state=d_state)
-        repeated = sorted(set(named_args) & set(mixer_args or {}))
-        if repeated:
-            raise ValueError(f"Give {', '.join(repeated)} as its own argument, not inside mixer_args.")
-        mixers = stage_mixers(len(depths), token_mixer, dict(named_args, **(mixer_args or {})))
+        mixers = stage_mixers(len(depths), token_mixer, _mixer_kwargs(mixer_args, kwargs))
         act_layer = get_act_layer(act_layer)
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -415,8 +399,7 @@ class MambaOut(nn.Module):
                 norm_layer=norm_layer,
                 act_layer=act_layer,
                 drop_path=drop_path_rates[i].tolist(),
-                token_mixer=mixers[i][0],
-                mixer_args=mixers[i][1],
+                token_mixer=mixers[i],
                 fused=fused_blocks,
             ))
             self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f'stages.{i}'))
@@ -554,6 +537,20 @@ class MambaOut(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def _mixer_kwargs(mixer_args: Optional[Dict[str, Any]], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """`mixer_args` and the mixer arguments given by name, refusing unknown and repeated keys."""
+    known = {name for mixer in TOKEN_MIXERS for name in mixer_arguments(mixer)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(
+            f"MambaOut got unexpected keyword argument {', '.join(repr(k) for k in unknown)}; besides its own "
+            f"arguments it takes the token mixers' ({', '.join(sorted(known))}).")
+    repeated = sorted(set(kwargs) & set(mixer_args or {}))
+    if repeated:
+        raise ValueError(f"{', '.join(repeated)} given both by name and inside mixer_args: give each once.")
+    return {**(mixer_args or {}), **kwargs}
 
 
 def _create_mambaout(variant: str, cfg: Dict[str, Any], **kwargs: Any) -> MambaOut:
