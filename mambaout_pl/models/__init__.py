@@ -1,15 +1,25 @@
 """Models: MambaOut, a registry that also reaches timm's models, and checkpoint loading."""
-from .registry import UnknownModelError, create_model, list_models, register_model
-from .mixers import MixerSpec
-from .mambaout import MambaOut
-from .pretrained import (
+from .weights import (
     CheckpointError,
     CheckpointMismatchError,
     UnsafeCheckpointError,
-    from_pretrained,
     load_pretrained,
     read_state_dict,
 )
+from .registry import (
+    UnknownModelError,
+    UntrustedNameError,
+    allow_import_path,
+    create_model,
+    from_pretrained,
+    list_models,
+    register_model,
+    resolve_model,
+    resolve_trusted_class,
+    untrusted_source,
+)
+from .mixers import MixerSpec
+from .mambaout import MambaOut
 from .backbones import FeatureBackbone
 from .upernet import FCNHead, UperNetHead
 from .segmentor import UperNetSegmentor
@@ -20,6 +30,11 @@ __all__ = [
     'create_model',
     'list_models',
     'register_model',
+    'resolve_model',
+    'untrusted_source',
+    'allow_import_path',
+    'resolve_trusted_class',
+    'UntrustedNameError',
     'MixerSpec',
     'load_pretrained',
     'from_pretrained',

@@ -6,8 +6,8 @@ import timm
 import torch
 from torch import nn
 
-from .pretrained import CheckpointError
-from .registry import create_model, list_models
+from .registry import create_model, resolve_model
+from .weights import CheckpointError
 
 __all__ = ['FeatureBackbone']
 
@@ -45,7 +45,7 @@ class FeatureBackbone(nn.Module):
         if drop_path_rate > 0:
             kwargs['drop_path_rate'] = drop_path_rate
         self.name = name
-        self.uses_timm_features = _is_timm_only(name)
+        self.uses_timm_features = resolve_model(name).kind == 'timm'
         if self.uses_timm_features:
             self.model = _timm_features(name, tuple(out_indices), pretrained, **kwargs)
             self.indices = list(out_indices)
@@ -93,14 +93,6 @@ class FeatureBackbone(nn.Module):
         if self.channels_last:
             return [feature.permute(0, 3, 1, 2).contiguous() for feature in features]
         return list(features)
-
-
-def _is_timm_only(name: str) -> bool:
-    """A name that only timm builds: not ours, not a class path (see `create_model`)."""
-    base_name = name.split('.', 1)[0]
-    if name in list_models() or base_name in list_models():
-        return False
-    return ':' in name or timm.is_model(base_name)
 
 
 def _resolve_indices(out_indices: Sequence[int], num_stages: int, name: str) -> List[int]:

@@ -15,6 +15,7 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 from .backbones import FeatureBackbone
+from .registry import untrusted_source
 from .upernet import FCNHead, UperNetHead, resize
 
 __all__ = ['UperNetSegmentor']
@@ -93,6 +94,13 @@ class UperNetSegmentor(
         self.decode_head_type = decode_head
         self.aux_stage = aux_stage
         self.aux_head = FCNHead(stage_channels[aux_stage], num_classes, aux_channels, dropout=dropout) if aux_head else None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs: Any) -> 'UperNetSegmentor':
+        """Rebuild a saved segmentor (a folder or Hub repo); the backbone name in its config.json resolves as
+        a name from a file (see `mambaout_pl.models.untrusted_source`)."""
+        with untrusted_source(f"the config.json of '{pretrained_model_name_or_path}'"):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def forward_features(self, images: torch.Tensor) -> List[torch.Tensor]:
         """Normalised NCHW stage outputs."""

@@ -1,10 +1,9 @@
-"""Loading weights: timm state dicts, the official MambaOut release, export folders and Hub repos.
+"""Loading weights into a built model: timm state dicts, the official MambaOut release, export folders, Hub repos.
 
 Files are read without running pickled code: torch files with `torch.load(weights_only=True)`,
 `.safetensors` files with `safetensors.torch.load_file`.
 """
 import argparse
-import json
 import logging
 import os
 import pickle
@@ -24,8 +23,8 @@ __all__ = [
     'read_state_dict',
     'convert_official_state_dict',
     'load_pretrained',
-    'from_pretrained',
     'download_pretrained',
+    'HF_HUB_PREFIX',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -162,36 +161,6 @@ def download_pretrained(source: str) -> Path:
     repo_id, _, revision = source[len(HF_HUB_PREFIX):].partition('@')
     return Path(snapshot_download(
         repo_id, revision=revision or None, allow_patterns=['*.safetensors', '*.json', '*.md']))
-
-
-def from_pretrained(source: PathLike) -> nn.Module:
-    """Build a model exported by `mambaout export` (a local folder or `hf-hub:user/repo`) and load it strictly.
-
-    timm-format folders (`config.json` with `architecture`) are built by timm; mambaout-pl-format
-    folders (`model_name`, `model_args`) by `create_model`, restricted to registered models, timm
-    models and classes inside `mambaout_pl`, so a downloaded config never imports foreign code.
-    """
-    import timm
-
-    from .registry import create_model, list_models
-
-    folder = download_pretrained(str(source)) if str(source).startswith(HF_HUB_PREFIX) else Path(source)
-    config_file = folder / 'config.json'
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"No config.json in '{folder}': give a folder written by `mambaout export` (or its Hub repo).")
-    config = json.loads(config_file.read_text())
-    if 'architecture' in config:
-        return timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
-    name = config.get('model_name')
-    if not isinstance(name, str):
-        raise CheckpointError(f"'{config_file}' names no `architecture` (timm) or `model_name` (mambaout-pl).")
-    if not (name in list_models() or timm.is_model(name) or name.startswith('mambaout_pl.')):
-        raise CheckpointError(
-            f"'{config_file}' asks for model '{name}', which is neither registered, a timm model nor a "
-            "mambaout_pl class; refusing to import it.")
-    model = create_model(name, **config.get('model_args', {}))
-    return load_pretrained(model, folder, strict=True).eval()
 
 
 def _resolve_file(path: PathLike) -> Path:
