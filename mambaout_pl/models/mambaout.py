@@ -174,11 +174,11 @@ class MambaOutStage(nn.Module):
             self,
             dim: int,
             dim_out: Optional[int] = None,
-            depth: int = 3,
-            downsample: str = '',
+            depth: int = 4,
             expansion_ratio: float = 8 / 3,
             kernel_size: int = 7,
             conv_ratio: float = 1.0,
+            downsample: str = '',
             ls_init_value: Optional[float] = None,
             norm_layer: Type[nn.Module] = LayerNorm,
             act_layer: Type[nn.Module] = nn.GELU,
@@ -300,26 +300,28 @@ class MlpHead(nn.Module):
 class MambaOut(nn.Module):
     """MambaOut image classifier and multi-scale backbone.
 
+    The arguments up to `head_fn` are timm's, in timm's order; the rest are this project's.
+
     Args:
         in_chans: Input image channels.
         num_classes: Classifier outputs; 0 leaves the head without a final classifier.
         global_pool: Head pooling: 'avg', 'max', 'avgmax' or '' (none).
         depths: Blocks per stage.
         dims: Channels per stage.
+        norm_layer: Normalisation over the channel (last) dim.
+        act_layer: Activation of the stem and blocks (class or timm name such as 'gelu', 'silu').
+        conv_ratio: Share of the input width that goes through the depthwise conv.
         expansion_ratio: Hidden width of a block relative to its input width.
         kernel_size: Size of the depthwise conv of each block.
-        conv_ratio: Share of the input width that goes through the depthwise conv.
         stem_mid_norm: Normalise between the two stem convs.
-        downsample: 'conv' (conv then norm) or 'conv_nf' (norm then conv) between stages.
         ls_init_value: Initial layer-scale value; None disables layer scale.
+        downsample: 'conv' (conv then norm) or 'conv_nf' (norm then conv) between stages.
+        drop_path_rate: Stochastic depth rate of the last block, rising linearly from 0 over all blocks.
+        drop_rate: Dropout before the final classifier.
         head_fn: 'default' (the paper's MLP head, with a norm after the hidden activation) or
             'norm_mlp' (no hidden norm).
         head_hidden_size: Hidden width of the head MLP; defaults to 4 x dims[-1], 0 disables it.
-        norm_layer: Normalisation over the channel (last) dim.
-        act_layer: Activation of the stem and blocks (class or timm name such as 'gelu', 'silu').
         head_act_layer: Activation of the head MLP (GELU in every variant, SiLU ones included).
-        drop_rate: Dropout before the final classifier.
-        drop_path_rate: Stochastic depth rate of the last block, rising linearly from 0 over all blocks.
         token_mixer: Mixer layer of the blocks, one for all stages or a list with one per stage:
             'gated_conv' (MambaOut's depthwise conv), 'ssm' (Mamba's conv + selective scan),
             'attention' (multi-head self-attention), a `MixerSpec`, or any callable
@@ -346,19 +348,19 @@ class MambaOut(nn.Module):
             global_pool: str = 'avg',
             depths: Sequence[int] = (3, 3, 9, 3),
             dims: Sequence[int] = (96, 192, 384, 576),
-            expansion_ratio: float = 8 / 3,
-            kernel_size: int = 7,
-            conv_ratio: float = 1.0,
-            stem_mid_norm: bool = True,
-            downsample: str = 'conv',
-            ls_init_value: Optional[float] = None,
-            head_fn: str = 'default',
-            head_hidden_size: Optional[int] = None,
             norm_layer: Type[nn.Module] = LayerNorm,
             act_layer: LayerType = nn.GELU,
-            head_act_layer: LayerType = nn.GELU,
-            drop_rate: float = 0.,
+            conv_ratio: float = 1.0,
+            expansion_ratio: float = 8 / 3,
+            kernel_size: int = 7,
+            stem_mid_norm: bool = True,
+            ls_init_value: Optional[float] = None,
+            downsample: str = 'conv',
             drop_path_rate: float = 0.,
+            drop_rate: float = 0.,
+            head_fn: str = 'default',
+            head_hidden_size: Optional[int] = None,
+            head_act_layer: LayerType = nn.GELU,
             token_mixer: Union[MixerLayer, Sequence[MixerLayer]] = 'gated_conv',
             mixer_args: Optional[Dict[str, Any]] = None,
             fused_blocks: bool = True,
