@@ -1,14 +1,14 @@
-"""Token-mixer ablation: train every recipe in recipes/ablation/ and print one table.
+"""Token-mixer ablation: train a recipe under every overlay in recipes/ablation/ and print one table.
 
-Each recipe is the same network, data and schedule with a different token mixer. For each one the
+Each overlay swaps the token mixer of the recipe it is given after; network, data and schedule stay. For each one the
 table gives the parameters, GMACs per image at the recipe's input size (and at 224x224, where the
 mixers' costs part), the training throughput (the training steps of the fit itself, data loading
 excluded, the first three left out as warm-up), the wall time of the fit, the epochs run and the
 best validation score of the checkpoint callback's monitor.
 
-    python benchmarks/ablation.py                      # the recipes' own epochs
+    python benchmarks/ablation.py                      # the quick start under every overlay, its own epochs
     python benchmarks/ablation.py --epochs 3           # shorter
-    python benchmarks/ablation.py --recipes recipes/ablation/quickstart_ssm_*.yaml --json ablation.json
+    python benchmarks/ablation.py --recipes recipes/quickstart_segmentation.yaml --overlays recipes/ablation/ssm_*.yaml --json ablation.json
     python benchmarks/ablation.py --threads 1 --epochs 1 -- --trainer.limit_train_batches=5   # CLI overrides
 """
 import argparse
@@ -28,7 +28,8 @@ from mambaout_pl.models import MambaOut
 from mambaout_pl.tasks import BaseTask
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_RECIPES = sorted((ROOT / 'recipes' / 'ablation').glob('*.yaml'))
+DEFAULT_RECIPES = [ROOT / 'recipes' / 'quickstart.yaml']
+DEFAULT_OVERLAYS = sorted((ROOT / 'recipes' / 'ablation').glob('*.yaml'))
 
 
 class TrainThroughput(Callback):
@@ -61,6 +62,8 @@ class TrainThroughput(Callback):
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--recipes', nargs='+', type=Path, default=DEFAULT_RECIPES, help='recipe YAMLs to run')
+    parser.add_argument('--overlays', nargs='+', type=Path, default=DEFAULT_OVERLAYS,
+                        help='token-mixer overlays, each given after each recipe')
     parser.add_argument('--epochs', type=int, default=None, help='override the recipes\' max_epochs')
     parser.add_argument('--root', type=Path, default=ROOT / 'runs' / 'ablation', help='folder for the runs\' logs')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch decides)')
@@ -69,11 +72,13 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def run_recipe(recipe: Path, epochs: Optional[int], root: Path, extra: List[str]) -> Dict[str, Any]:
-    """Fit one recipe through the CLI, timing its training steps, and measure the network."""
+def run_recipe(recipe: Path, overlay: Path, epochs: Optional[int], root: Path, extra: List[str]) -> Dict[str, Any]:
+    """Fit one recipe with one overlay through the CLI, timing its training steps, and measure the network."""
+    name = f'{recipe.stem}_{overlay.stem}'
     args = [
         f'--config={recipe}',
-        f'--trainer.default_root_dir={root / recipe.stem}',
+        f'--config={overlay}',
+        f'--trainer.default_root_dir={root / name}',
         '--trainer.enable_progress_bar=false',
         '--trainer.enable_model_summary=false',
         '--trainer.callbacks=[]',
@@ -94,7 +99,7 @@ def run_recipe(recipe: Path, epochs: Optional[int], root: Path, extra: List[str]
     meta_network = copy.deepcopy(network).to('meta')
     best = next(c for c in cli.trainer.checkpoint_callbacks if c.monitor)
     return {
-        'recipe': recipe.stem,
+        'recipe': name,
         'mixer': describe_token_mixers(_backbone(network)),
         'params': sum(p.numel() for p in network.parameters()),
         'gmacs': count_macs(meta_network, image_size) / 1e9,
@@ -115,6 +120,10 @@ def _backbone(network: torch.nn.Module) -> torch.nn.Module:
     return next((m for m in network.modules() if isinstance(m, MambaOut)), network)
 
 
+def _shown(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path
+
+
 def main() -> int:
     args = parse_args()
     if args.threads:
@@ -122,11 +131,12 @@ def main() -> int:
     print(f'# {machine_description("cpu")}', flush=True)
     rows = []
     for recipe in args.recipes:
-        print(f'# fitting {recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe}', file=sys.stderr, flush=True)
-        rows.append(run_recipe(recipe, args.epochs, args.root, args.extra))
-        print(f'# {json.dumps(rows[-1])}', file=sys.stderr, flush=True)
-        if args.json:
-            args.json.write_text(json.dumps(rows, indent=2) + '\n')
+        for overlay in args.overlays:
+            print(f'# fitting {_shown(recipe)} + {_shown(overlay)}', file=sys.stderr, flush=True)
+            rows.append(run_recipe(recipe, overlay, args.epochs, args.root, args.extra))
+            print(f'# {json.dumps(rows[-1])}', file=sys.stderr, flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=2) + '\n')
 
     table = [
         (row['recipe'], row['mixer'], f"{row['params']:,}", 'x'.join(str(s) for s in row['image_size']),

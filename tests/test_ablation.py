@@ -1,4 +1,4 @@
-"""The token-mixer ablation recipes: each one is a quick start with another mixer, and each one fits."""
+"""The token-mixer ablation overlays: each one swaps a quick start's mixer, and each pairing fits."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,9 +10,9 @@ import yaml
 from mambaout_pl.cli import main
 
 ROOT = Path(__file__).parents[1]
-ABLATION = sorted((ROOT / "recipes" / "ablation").glob("*.yaml"))
+OVERLAYS = sorted((ROOT / "recipes" / "ablation").glob("*.yaml"))
 
-# Mixer -> (backbone_args, a state-dict key suffix only that mixer has, a key part it must not have).
+# Overlay -> (backbone_args, a state-dict key suffix only that mixer has, a key part it must not have).
 MIXERS = {
     "gated_conv": ({"token_mixer": "gated_conv"}, "stages.0.blocks.0.conv.weight", "conv.A_log"),
     "ssm_raster": ({"token_mixer": "ssm", "scan": "raster"}, "stages.0.blocks.0.conv.A_log", "conv.qkv"),
@@ -31,43 +31,25 @@ QUICKSTARTS = {
     ],
     "quickstart": ["--data.batch_size=8", "--data.num_workers=0"],
 }
-
-
-def quickstart_and_mixer(recipe: Path) -> tuple[str, str]:
-    """`quickstart_segmentation_ssm_raster` -> (`quickstart_segmentation`, `ssm_raster`)."""
-    for quickstart in QUICKSTARTS:  # the longer name first
-        if recipe.stem.startswith(quickstart + "_") and recipe.stem[len(quickstart) + 1:] in MIXERS:
-            return quickstart, recipe.stem[len(quickstart) + 1:]
-    raise AssertionError(f"{recipe.name} is not <quickstart>_<mixer>.yaml")
+RUNS = [(quickstart, overlay) for quickstart in QUICKSTARTS for overlay in OVERLAYS]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_every_mixer_has_a_recipe_per_quick_start():
-    found = {quickstart_and_mixer(recipe) for recipe in ABLATION}
-    quickstarts = {"quickstart"} | ({"quickstart_segmentation"} if (ROOT / "recipes" / "quickstart_segmentation.yaml").exists() else set())
-    assert found == {(quickstart, mixer) for quickstart in quickstarts for mixer in MIXERS}
+def test_every_mixer_has_an_overlay_and_the_overlays_set_only_the_mixer() -> None:
+    assert {overlay.stem for overlay in OVERLAYS} == set(MIXERS)
+    for overlay in OVERLAYS:
+        assert yaml.safe_load(overlay.read_text()) == {"model": {"init_args": {"backbone_args": MIXERS[overlay.stem][0]}}}
 
 
-@pytest.mark.parametrize("recipe", ABLATION, ids=[r.stem for r in ABLATION])
-def test_recipe_is_its_quick_start_with_another_mixer(recipe: Path) -> None:
-    quickstart_name, mixer = quickstart_and_mixer(recipe)
-    quickstart = yaml.safe_load((ROOT / "recipes" / f"{quickstart_name}.yaml").read_text())
-    ablation = yaml.safe_load(recipe.read_text())
-    assert ablation["model"]["init_args"].pop("backbone_args") == MIXERS[mixer][0]
-    assert ablation["trainer"].pop("default_root_dir") == f"runs/ablation/{recipe.stem}"
-    quickstart["trainer"].pop("default_root_dir")
-    assert ablation == quickstart
-
-
-@pytest.mark.parametrize("recipe", ABLATION, ids=[r.stem for r in ABLATION])
-def test_recipe_fits(recipe: Path, tmp_path: Path) -> None:
-    quickstart_name, mixer = quickstart_and_mixer(recipe)
+@pytest.mark.parametrize(("quickstart", "overlay"), RUNS, ids=[f"{q}+{o.stem}" for q, o in RUNS])
+def test_overlay_fits_on_its_quick_start(quickstart: str, overlay: Path, tmp_path: Path) -> None:
     main(
         [
             "fit",
-            f"--config={recipe}",
+            f"--config={ROOT / 'recipes' / f'{quickstart}.yaml'}",
+            f"--config={overlay}",
             f"--trainer.default_root_dir={tmp_path}",
             "--trainer.max_epochs=1",
             "--trainer.limit_train_batches=2",
@@ -75,13 +57,17 @@ def test_recipe_fits(recipe: Path, tmp_path: Path) -> None:
             "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false",
             "--trainer.callbacks=[]",
-            *QUICKSTARTS[quickstart_name],
+            *QUICKSTARTS[quickstart],
         ]
     )
     (run,) = (tmp_path / "lightning_logs").iterdir()
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    backbone_args, present, absent = MIXERS[mixer]
+    backbone_args, present, absent = MIXERS[overlay.stem]
     assert saved["model"]["init_args"]["backbone_args"] == backbone_args
+    recipe = yaml.safe_load((ROOT / "recipes" / f"{quickstart}.yaml").read_text())
+    assert saved["model"]["class_path"] == recipe["model"]["class_path"]
+    assert saved["model"]["init_args"]["lr"] == recipe["model"]["init_args"]["lr"]
+    assert saved["data"]["init_args"]["path"] == recipe["data"]["init_args"]["path"]
 
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     state_dict = checkpoint["state_dict"]
