@@ -12,7 +12,7 @@ import yaml
 from helpers import small_run_args
 from safetensors.torch import load_file
 
-from mambaout_pl import hub
+from mambaout_pl.export import hub
 from mambaout_pl.cli import main
 from mambaout_pl.hub import ExportError, export_checkpoint, push_checkpoint
 from mambaout_pl.models import create_model, from_pretrained
@@ -117,7 +117,7 @@ def test_export_refuses_a_checkpoint_that_is_not_a_task(tmp_path: Path, capsys) 
     weights = tmp_path / "weights.pth"
     torch.save(create_model("mambaout_femto", num_classes=3).state_dict(), weights)
     assert main(["export", str(weights), str(tmp_path / "export")]) == 2
-    assert "weights.pth' is not a mambaout-pl task checkpoint" in capsys.readouterr().err
+    assert "weights.pth' is not a training checkpoint: it has no 'state_dict'" in capsys.readouterr().err
     assert not (tmp_path / "export").exists()
 
 
