@@ -69,9 +69,7 @@ class SegmentationTask(BaseTask):
         predict_dir: folder where ``trainer.predict`` writes one palette PNG per image
             (pixel value = class index); ``None``: predictions are only returned.
         **kwargs: the other optimizer, schedule, EMA and non-finite-loss settings of
-            :class:`BaseTask`, with its defaults.
-
-    The schedule defaults (``lr`` ... ``min_lr`` above) are mmsegmentation's ADE20K ones.
+            :class:`BaseTask`, with its defaults; the ones above differ from them.
     """
 
     monitor = "val/mIoU"
