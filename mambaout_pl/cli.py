@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
-
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, Trainer
@@ -21,16 +20,24 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from mambaout_pl.checkpointing import AtomicCheckpointIO, ModelCheckpoint, find_last_checkpoint
-from mambaout_pl.preemption import PreemptionCheckpoint
+from mambaout_pl.errors import OutputPathError
 from mambaout_pl.tasks import BaseTask
+from mambaout_pl.training.checkpoint_io import AtomicCheckpointIO, ModelCheckpoint, find_last_checkpoint, read_checkpoint
+from mambaout_pl.training.preemption import PreemptionCheckpoint
+from mambaout_pl.training.resume import saved_model_settings
+
+#: ``checkpoint.monitor`` / ``checkpoint.mode`` value that stands for the task's ``monitor`` / ``mode``.
+TASK_DEFAULT = "auto"
 
 
 class MambaOutCLI(LightningCLI):
     """LightningCLI with checkpoints, LR monitoring, a rich progress bar and data-to-task links.
 
-    Two checkpoint callbacks: ``checkpoint`` keeps the best epoch by ``val/top1`` (set ``monitor``
-    for other tasks); ``latest_checkpoint`` keeps the latest epoch, linked as ``last.ckpt`` for
+    Two checkpoint callbacks: ``checkpoint`` keeps the best epoch by the task's ``monitor`` and
+    ``mode`` (``auto``: e.g. ``val/top1`` for classification, ``val/mIoU`` for segmentation; an
+    explicit ``checkpoint.monitor`` wins, and with it ``checkpoint.mode: auto`` means ``min`` unless
+    it is the task's own value; ``--print_config`` shows ``auto``, the run's ``config.yaml`` the
+    value used); ``latest_checkpoint`` keeps the latest epoch, linked as ``last.ckpt`` for
     ``--ckpt_path last``. ``preemption`` saves ``last.ckpt`` and stops on SIGTERM or SIGINT (see
     ``PreemptionCheckpoint``). Checkpoints are written atomically (``AtomicCheckpointIO``) unless
     the config brings its own checkpoint IO plugin. ``fit --ckpt_path last`` resumes from the
@@ -41,8 +48,8 @@ class MambaOutCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.monitor": "val/top1",
-                "checkpoint.mode": "max",
+                "checkpoint.monitor": TASK_DEFAULT,
+                "checkpoint.mode": TASK_DEFAULT,
                 "checkpoint.filename": "best-epoch{epoch:03d}-step{step}",
                 "checkpoint.auto_insert_metric_name": False,
             }
@@ -90,18 +97,19 @@ class MambaOutCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path, map_location="cpu")
-        hparams = dict(checkpoint.get("hyper_parameters") or {})
-        hparams.pop("_instantiator", None)
-        if subcommand == "fit" or not hparams:
+        settings = saved_model_settings(read_checkpoint(ckpt_path))
+        if subcommand == "fit" or settings is None:
             return
-        if "_class_path" in hparams:
-            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         try:
-            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+            self.config = self.parser.parse_object({subcommand: {"model": settings}}, self.config)
         except SystemExit:
             sys.stderr.write(f"Parsing the model settings saved in {ckpt_path} failed.\n")
             raise
+
+    def before_instantiate_classes(self) -> None:
+        """Give ``checkpoint.monitor`` / ``checkpoint.mode`` left at ``auto`` the task's values."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        follow_task_monitor(config)
 
     def before_fit(self) -> None:
         """Resolve ``--ckpt_path last`` across run versions (Lightning only looks in the new, empty one)."""
@@ -114,8 +122,18 @@ class MambaOutCLI(LightningCLI):
             rank_zero_info(f"Resuming from {found}.")
 
 
-class OutputPathError(ValueError):
-    """A folder from the config that the run would write to lies outside ``trainer.default_root_dir``."""
+def follow_task_monitor(config: Any) -> None:
+    """Resolve ``auto`` in a parsed config's ``checkpoint.monitor`` and ``checkpoint.mode`` from the task class."""
+    checkpoint = config.get("checkpoint")
+    model = config.get("model")
+    if checkpoint is None or model is None or TASK_DEFAULT not in (checkpoint.get("monitor"), checkpoint.get("mode")):
+        return
+    module_name, _, class_name = str(model.get("class_path")).rpartition(".")
+    task_class = getattr(importlib.import_module(module_name), class_name)
+    if checkpoint.get("monitor") == TASK_DEFAULT:
+        checkpoint["monitor"] = task_class.monitor
+    if checkpoint.get("mode") == TASK_DEFAULT:
+        checkpoint["mode"] = task_class.mode if checkpoint["monitor"] == task_class.monitor else "min"
 
 
 def check_output_folders(trainer: Trainer, model: Any) -> None:
@@ -157,8 +175,8 @@ def run_cli(args: ArgsType = None) -> MambaOutCLI:
 
 #: Commands beside Lightning's fit/validate/test/predict: name -> "module:function(argv) -> int".
 TOOL_COMMANDS: dict[str, str] = {
-    "export": "mambaout_pl.hub:export_main",
-    "push": "mambaout_pl.hub:push_main",
+    "export": "mambaout_pl.export.hub:export_main",
+    "push": "mambaout_pl.export.hub:push_main",
     "analyze": "mambaout_pl.analysis:analyze_main",
     "profile": "mambaout_pl.analysis:profile_main",
 }

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from mambaout_pl.preemption import PreemptionCheckpoint
+from mambaout_pl.training import PreemptionCheckpoint
 
 
 class WaitForSignal(Callback):

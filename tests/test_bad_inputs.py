@@ -24,11 +24,10 @@ from PIL import Image
 from conftest import IMAGE_FOLDER_COLOURS, write_ade20k_folder, write_image_folder
 from helpers import small_run_args
 
-from mambaout_pl.checkpointing import CheckpointError
-from mambaout_pl.cli import OutputPathError, main, run_cli
+from mambaout_pl.cli import main, run_cli
 from mambaout_pl.data import CorruptImageError, DataError, DataNotFoundError, ImageClassificationDataModule, SegmentationDataModule
 from mambaout_pl.data.sources import ColumnNotFoundError, InvalidLabelError, SplitNotFoundError
-from mambaout_pl.tasks.base import CheckpointMismatchError
+from mambaout_pl.errors import CheckpointError, CheckpointMismatchError, OutputPathError
 
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "recipes" / "quickstart.yaml"

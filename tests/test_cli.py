@@ -79,7 +79,7 @@ def test_entry_points_print_the_recipe_with_linked_defaults(command: list[str]) 
     assert config["model"]["init_args"]["backbone"] == "mambaout_tiny"
     assert config["model"]["init_args"]["lr"] == 4e-3
     assert config["data"]["init_args"]["auto_augment"] == "rand-m9-mstd0.5-inc1"
-    assert config["checkpoint"]["monitor"] == "val/top1"
+    assert (config["checkpoint"]["monitor"], config["checkpoint"]["mode"]) == ("auto", "auto")  # the task's, at run time
 
 
 def test_unknown_backbone_names_close_matches(image_folder: Path, tmp_path: Path) -> None:
@@ -103,3 +103,15 @@ def test_unknown_config_key_exits_with_the_key(tmp_path: Path, capsys) -> None:
         main(["fit", f"--config={recipe}", "--model.init_args.learning_rate=0.1"])
     assert exit_info.value.code != 0
     assert "learning_rate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["ClassificationTask", "SegmentationTask"])
+def test_help_shows_base_task_arguments_with_their_documentation(task: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.help", f"mambaout_pl.tasks.{task}"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--model.optimizer OPTIMIZER any ``timm.optim`` optimizer name. (type: str, default: adamw)" in text
+    assert "--model.nonfinite_loss NONFINITE_LOSS on a NaN or infinite training loss" in text
+    lr_default = "0.001" if task == "ClassificationTask" else "0.0001"
+    assert f"--model.lr LR peak learning rate. (type: float, default: {lr_default})" in text

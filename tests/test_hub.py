@@ -10,13 +10,15 @@ import timm
 import torch
 import yaml
 from helpers import small_run_args
+from lightning.pytorch import Trainer
 from safetensors.torch import load_file
 
-from mambaout_pl import hub
+from mambaout_pl.export import hub
 from mambaout_pl.cli import main
 from mambaout_pl.hub import ExportError, export_checkpoint, push_checkpoint
 from mambaout_pl.models import create_model, from_pretrained
-from mambaout_pl.tasks import ClassificationTask
+from mambaout_pl.export import ExportSpec
+from mambaout_pl.tasks import BaseTask, ClassificationTask
 
 QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
 TINY_MAMBAOUT = '{"depths": [1, 1, 1, 1], "dims": [16, 24, 32, 40]}'
@@ -117,7 +119,7 @@ def test_export_refuses_a_checkpoint_that_is_not_a_task(tmp_path: Path, capsys) 
     weights = tmp_path / "weights.pth"
     torch.save(create_model("mambaout_femto", num_classes=3).state_dict(), weights)
     assert main(["export", str(weights), str(tmp_path / "export")]) == 2
-    assert "weights.pth' is not a mambaout-pl task checkpoint" in capsys.readouterr().err
+    assert "weights.pth' is not a training checkpoint: it has no 'state_dict'" in capsys.readouterr().err
     assert not (tmp_path / "export").exists()
 
 
@@ -238,3 +240,45 @@ def test_segmentation_checkpoint_exports_in_our_format_and_loads_strictly(ade20k
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(from_pretrained(export)(images), network(images))
+
+
+class FeatureTask(BaseTask):
+    """A task the export code has never heard of: pooled backbone features, trained towards zero."""
+
+    def __init__(self, backbone: str = "mambaout_femto", backbone_args: dict | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+
+    def configure_models(self) -> None:
+        self.model = create_model(self.hparams.backbone, num_classes=0, **(self.hparams.backbone_args or {}))
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.model(batch).pow(2).mean()
+
+    def export_spec(self, data_hparams=None) -> ExportSpec:
+        return ExportSpec(
+            model_name=self.hparams.backbone,
+            model_args={"num_classes": 0, **(self.hparams.backbone_args or {})},
+            pipeline_tag="image-feature-extraction",
+        )
+
+
+def test_a_new_task_exports_through_its_export_spec_alone(tmp_path: Path) -> None:
+    task = FeatureTask(backbone_args=json.loads(TINY_MAMBAOUT), lr=0.01)
+    trainer = Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(task, torch.utils.data.DataLoader(torch.randn(4, 3, 32, 32), batch_size=2))
+    checkpoint_path = tmp_path / "features.ckpt"
+    trainer.save_checkpoint(checkpoint_path)
+    assert torch.load(checkpoint_path, weights_only=True)["mambaout_pl"]["task"] == "test_hub.FeatureTask"
+
+    assert main(["export", str(checkpoint_path), str(tmp_path / "export")]) == 0
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["task"] == "test_hub.FeatureTask" and config["model_args"]["num_classes"] == 0
+    assert "pipeline_tag: image-feature-extraction" in (tmp_path / "export" / "README.md").read_text()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = from_pretrained(tmp_path / "export").eval()(images)
+        assert features.ndim == 2 and features.abs().sum() > 0
+        assert torch.equal(features, task.model.eval()(images))

@@ -74,6 +74,28 @@ def test_quickstart_segmentation_learns_and_validates_its_best_checkpoint(tmp_pa
     assert validate.trainer.callback_metrics["val/mIoU"].item() == pytest.approx(best_score, abs=1e-6)
 
 
+def test_best_checkpoint_follows_the_task_monitor_without_a_recipe_override(ade20k_folder: Path, tmp_path: Path) -> None:
+    recipe = ROOT / "recipes" / "quickstart_segmentation.yaml"
+    assert "checkpoint" not in yaml.safe_load(recipe.read_text())
+    three_validations = ["--trainer.max_epochs=3", "--trainer.max_steps=6", "--trainer.num_sanity_val_steps=0"]
+    cli = run_cli(["fit", f"--config={recipe}", *small_segmentation_args(tmp_path / "run", ade20k_folder), *three_validations])
+    best = cli.trainer.checkpoint_callback
+    assert (best.monitor, best.mode) == ("val/mIoU", "max")
+    (run,) = (tmp_path / "run" / "lightning_logs").iterdir()
+    events = EventAccumulator(str(run))
+    events.Reload()
+    scores = [event.value for event in events.Scalars("val/mIoU")]
+    assert len(scores) == 3
+    assert best.best_model_score.item() == pytest.approx(max(scores), abs=1e-6)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["checkpoint"]["monitor"], saved["checkpoint"]["mode"]) == ("val/mIoU", "max")
+
+    explicit = run_cli(
+        ["fit", f"--config={recipe}", *small_segmentation_args(tmp_path / "explicit", ade20k_folder), "--checkpoint.monitor=val/loss"]
+    )
+    assert (explicit.trainer.checkpoint_callback.monitor, explicit.trainer.checkpoint_callback.mode) == ("val/loss", "min")
+
+
 def test_missing_annotations_folder_stops_the_cli_with_its_name(ade20k_folder: Path, tmp_path: Path) -> None:
     for mask in (ade20k_folder / "annotations" / "training").iterdir():
         mask.unlink()

@@ -22,13 +22,13 @@ its ``BUILTIN_DATASET_VERSIONS`` entry whenever what it writes changes.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from mambaout_pl.training.atomic import staged_folder
 
 BUILTIN_PREFIX = "builtin:"
 CACHE_ENV_VARIABLE = "MAMBAOUT_PL_CACHE"
@@ -150,15 +150,6 @@ def materialize(path: str, cache_dir: str | os.PathLike | None = None) -> Path:
     folder = cache_root(cache_dir) / f"{name}-v{BUILTIN_DATASET_VERSIONS.get(name, 1)}"
     if folder.is_dir():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
-    try:
+    with staged_folder(folder) as staging:  # another process writing it meanwhile is fine: theirs is kept
         BUILTIN_DATASETS[name](staging)
-        try:
-            staging.rename(folder)
-        except OSError:
-            if not folder.is_dir():  # not another process winning the race: a real failure
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return folder

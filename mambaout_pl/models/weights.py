@@ -16,6 +16,8 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from mambaout_pl.errors import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError
+
 __all__ = [
     'CheckpointError',
     'UnsafeCheckpointError',
@@ -37,18 +39,6 @@ _STATE_DICT_ENTRIES = ('state_dict', 'model', 'module')
 _DIRECTORY_FILES = ('model.safetensors', 'pytorch_model.bin')
 _MAX_LISTED = 5
 HF_HUB_PREFIX = 'hf-hub:'
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file could not be read as a state dict."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A torch checkpoint holds Python objects that loading with `weights_only=True` refuses."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    """A state dict's keys or shapes do not fit the model."""
 
 
 def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from mambaout_pl.export.spec import ExportSpec, preprocessing_config
 from mambaout_pl.models import create_model
 from mambaout_pl.tasks.base import BaseTask
 
@@ -33,28 +35,15 @@ class ClassificationTask(BaseTask):
         backbone_args: extra keyword arguments for ``create_model``.
         drop_path_rate: stochastic depth rate of the last block (rises linearly from 0).
         head_dropout: dropout before the classifier.
-        optimizer: any ``timm.optim`` optimizer name.
-        lr: peak learning rate.
-        weight_decay: weight decay (none on norms and biases).
-        betas: Adam betas.
-        eps: Adam epsilon.
-        layer_decay: layer-wise learning-rate decay (``None``: off).
-        scheduler: any ``timm.scheduler`` schedule name, stepped per optimizer update.
-        warmup_epochs: linear warm-up length in epochs (fractions allowed).
-        warmup_lr: learning rate at the start of warm-up.
-        min_lr: learning rate at the end of the decay.
-        cooldown_epochs: epochs held at ``min_lr`` at the end of training.
         mixup_alpha: Mixup alpha (0: off).
         cutmix_alpha: CutMix alpha (0: off).
         mixup_prob: probability of applying Mixup or CutMix to a batch.
         mixup_switch_prob: probability of CutMix instead of Mixup when both are on.
         label_smoothing: label smoothing of the training targets.
-        ema_decay: decay of an exponential moving average of the weights used for validation and
-            the final model (``None``: off).
         channels_last: run the network in channels-last memory format.
         compile: compile the network with ``torch.compile``.
-        nonfinite_loss: on a NaN or infinite training loss, ``"raise"`` an error naming the step and
-            the batch, or ``"skip"`` the batch (no weight changes; counted in ``train/skipped_batches``).
+        **kwargs: the optimizer, schedule, EMA and non-finite-loss settings of :class:`BaseTask`,
+            with its defaults.
     """
 
     monitor = "val/top1"
@@ -69,33 +58,21 @@ class ClassificationTask(BaseTask):
         backbone_args: dict[str, Any] | None = None,
         drop_path_rate: float = 0.0,
         head_dropout: float = 0.0,
-        optimizer: str = "adamw",
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        layer_decay: float | None = None,
-        scheduler: str = "cosine",
-        warmup_epochs: float = 0.0,
-        warmup_lr: float = 1e-6,
-        min_lr: float = 1e-5,
-        cooldown_epochs: int = 0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         mixup_prob: float = 1.0,
         mixup_switch_prob: float = 0.5,
         label_smoothing: float = 0.0,
-        ema_decay: float | None = None,
         channels_last: bool = False,
         compile: bool = False,
-        nonfinite_loss: str = "raise",
+        **kwargs: Any,
     ) -> None:
         if label_names is not None and len(label_names) != num_classes:
             raise ValueError(
                 f"label_names has {len(label_names)} names but num_classes is {num_classes}; "
                 "give one name per class or leave label_names unset."
             )
-        super().__init__()
+        super().__init__(**kwargs)
 
     def configure_models(self) -> None:
         hparams = self.hparams
@@ -112,11 +89,18 @@ class ClassificationTask(BaseTask):
         if hparams.compile:
             self.model.compile()
 
-    def network_config(self) -> dict[str, Any]:
-        return {
-            "model_name": self.hparams.backbone,
-            "model_args": {"num_classes": self.hparams.num_classes, **(self.hparams.backbone_args or {})},
-        }
+    def export_spec(self, data_hparams: Mapping[str, Any] | None = None) -> ExportSpec:
+        """timm's format (the backbone name and class count rebuild the classifier), with the data module's input."""
+        return ExportSpec(
+            model_name=self.hparams.backbone,
+            model_args={"num_classes": self.hparams.num_classes, **(self.hparams.backbone_args or {})},
+            pipeline_tag="image-classification",
+            metrics=("accuracy",),
+            timm_format=True,
+            label_names=self.hparams.label_names,
+            preprocessing=preprocessing_config(data_hparams or {}, size_key="image_size"),
+            dataset=(data_hparams or {}).get("path"),
+        )
 
     def configure_losses(self) -> None:
         hparams = self.hparams

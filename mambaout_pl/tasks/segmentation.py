@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MetricCollection
 
+from mambaout_pl.export.spec import ExportSpec, preprocessing_config
 from mambaout_pl.models.inference import INFERENCE_MODES, segment
 from mambaout_pl.models.segmentor import DECODE_HEADS, UperNetSegmentor
 from mambaout_pl.models.upernet import resize
@@ -49,20 +51,13 @@ class SegmentationTask(BaseTask):
         aux_channels: width of the auxiliary head.
         aux_weight: weight of the auxiliary loss.
         ignore_index: label of pixels that are neither trained on nor scored.
-        optimizer: any ``timm.optim`` optimizer name.
         lr: peak learning rate.
         weight_decay: weight decay (none on norms and biases).
-        betas: Adam betas.
-        eps: Adam epsilon.
-        layer_decay: layer-wise learning-rate decay (``None``: off, as the MambaOut authors).
         scheduler: any ``timm.scheduler`` schedule name, stepped per optimizer update.
         poly_power: power of the ``poly`` schedule.
         warmup_steps: linear warm-up length in optimizer updates (``None``: use ``warmup_epochs``).
-        warmup_epochs: linear warm-up length in epochs, when ``warmup_steps`` is None.
         warmup_lr: learning rate at the start of warm-up (mmsegmentation: ``lr`` x 1e-6).
         min_lr: learning rate at the end of the decay.
-        cooldown_epochs: epochs held at ``min_lr`` at the end of training.
-        ema_decay: decay of an exponential moving average of the weights (``None``: off).
         inference: ``"whole"`` (the whole image at once) or ``"slide"`` (overlapping windows).
         slide_crop_size: sliding-window size ``(height, width)``.
         slide_stride: sliding-window stride ``(height, width)``.
@@ -73,8 +68,8 @@ class SegmentationTask(BaseTask):
         num_val_images: validation images shown as image | truth | prediction pictures (0: none).
         predict_dir: folder where ``trainer.predict`` writes one palette PNG per image
             (pixel value = class index); ``None``: predictions are only returned.
-        nonfinite_loss: on a NaN or infinite training loss, ``"raise"`` an error naming the step and
-            the batch, or ``"skip"`` the batch (no weight changes; counted in ``train/skipped_batches``).
+        **kwargs: the other optimizer, schedule, EMA and non-finite-loss settings of
+            :class:`BaseTask`, with its defaults; the ones above differ from them.
     """
 
     monitor = "val/mIoU"
@@ -99,20 +94,13 @@ class SegmentationTask(BaseTask):
         aux_channels: int = 256,
         aux_weight: float = 0.4,
         ignore_index: int = 255,
-        optimizer: str = "adamw",
         lr: float = 1e-4,
         weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        layer_decay: float | None = None,
         scheduler: str = "poly",
         poly_power: float = 1.0,
         warmup_steps: int | None = 1500,
-        warmup_epochs: float = 0.0,
         warmup_lr: float = 1e-10,
         min_lr: float = 0.0,
-        cooldown_epochs: int = 0,
-        ema_decay: float | None = None,
         inference: str = "whole",
         slide_crop_size: tuple[int, int] = (512, 512),
         slide_stride: tuple[int, int] = (341, 341),
@@ -120,7 +108,7 @@ class SegmentationTask(BaseTask):
         test_flip: bool = False,
         num_val_images: int = 4,
         predict_dir: str | None = None,
-        nonfinite_loss: str = "raise",
+        **kwargs: Any,
     ) -> None:
         if label_names is not None and len(label_names) != num_classes:
             raise ValueError(
@@ -133,7 +121,16 @@ class SegmentationTask(BaseTask):
             raise ValueError(f"decode_head={decode_head!r} is not one of {list(DECODE_HEADS)}.")
         if not test_scales or min(test_scales) <= 0:
             raise ValueError(f"test_scales={test_scales} must be positive ratios, e.g. [1.0] or [0.5, 1.0, 1.5].")
-        super().__init__()
+        super().__init__(
+            lr=lr,
+            weight_decay=weight_decay,
+            scheduler=scheduler,
+            poly_power=poly_power,
+            warmup_steps=warmup_steps,
+            warmup_lr=warmup_lr,
+            min_lr=min_lr,
+            **kwargs,
+        )
         self._pictures: list[torch.Tensor] = []  # validation pictures of the current epoch (rank 0)
 
     # -- building -----------------------------------------------------------------------------
@@ -157,8 +154,17 @@ class SegmentationTask(BaseTask):
             "backbone_args": dict(hparams.backbone_args or {}),
         }
 
-    def network_config(self) -> dict[str, Any]:
-        return {"model_name": "mambaout_pl.models.segmentor.UperNetSegmentor", "model_args": self.network_args()}
+    def export_spec(self, data_hparams: Mapping[str, Any] | None = None) -> ExportSpec:
+        """mambaout-pl's format (``UperNetSegmentor`` and its arguments), with the data module's crop as input size."""
+        return ExportSpec(
+            model_name="mambaout_pl.models.segmentor.UperNetSegmentor",
+            model_args=self.network_args(),
+            pipeline_tag="image-segmentation",
+            metrics=("mean_iou",),
+            label_names=self.hparams.label_names,
+            preprocessing=preprocessing_config(data_hparams or {}, size_key="crop_size"),
+            dataset=(data_hparams or {}).get("path"),
+        )
 
     def configure_models(self) -> None:
         self.model = UperNetSegmentor(**self.network_args(), pretrained=self.hparams.pretrained)

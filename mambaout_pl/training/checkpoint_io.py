@@ -1,5 +1,6 @@
 """Checkpoint files that are never half-written, read without unpickling arbitrary objects.
 
+- :func:`read_checkpoint` is the one place a training checkpoint is read from disk.
 - :class:`AtomicCheckpointIO` writes a checkpoint to a temporary file beside its target, flushes
   it to disk and renames it over the target, so a crash or a kill while saving leaves the previous
   file intact. Lightning's own ``TorchCheckpointIO`` stages local files in the system temporary
@@ -13,12 +14,10 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.fabric.utilities.cloud_io import _load as pl_load
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
@@ -26,9 +25,43 @@ from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpo
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer import Trainer
 
+from mambaout_pl.errors import CheckpointError, UnsafeCheckpointError
+from mambaout_pl.training.atomic import atomic_symlink, atomic_torch_save, atomic_write
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or does not fit the run that reads it."""
+
+def read_checkpoint(
+    path: _PATH,
+    map_location: Callable | str | None = "cpu",
+    weights_only: bool = True,
+) -> dict[str, Any]:
+    """A training checkpoint (a dict with a ``state_dict``) read with ``weights_only=True`` unless told otherwise.
+
+    Raises ``FileNotFoundError`` for a missing local file, :class:`UnsafeCheckpointError` for a file
+    that holds pickled Python objects, and :class:`CheckpointError` for a truncated file or one that
+    is not a training checkpoint; every message names the file.
+    """
+    if "://" not in str(path) and not get_filesystem(path).exists(path):
+        raise FileNotFoundError(f"Checkpoint file '{path}' does not exist; give the path of a .ckpt file written by `fit`.")
+    try:
+        checkpoint = pl_load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as error:
+        raise UnsafeCheckpointError(
+            f"Refusing to load '{path}': it holds Python objects other than tensors and plain containers, "
+            f"which could run code when unpickled ({error}). Load only checkpoints written by `mambaout fit`; "
+            "for a file you produced yourself and trust, re-save its state dicts with torch.save."
+        ) from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(
+            f"Cannot read checkpoint '{path}' (truncated, or not written by torch.save): {error}. "
+            "Use another checkpoint, e.g. the previous epoch's."
+        ) from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        keys = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointError(
+            f"'{path}' is not a training checkpoint: it has no 'state_dict' (it holds {keys}). `--ckpt_path` and "
+            "`mambaout export` take checkpoints written by `fit`; plain weight files go in `model.pretrained`."
+        )
+    return checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -36,8 +69,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     Saving: ``torch.save`` into ``.<name>.<random>.tmp`` in the target's folder, ``fsync``, then
     ``os.replace`` onto the target (and ``fsync`` of the folder). Remote paths (``s3://`` ...) are
-    left to Lightning. Loading refuses pickled objects other than tensors and plain containers
-    unless the caller passes ``weights_only=False`` explicitly.
+    left to Lightning. Loading goes through :func:`read_checkpoint`, which refuses pickled objects
+    other than tensors and plain containers unless the caller passes ``weights_only=False``.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
@@ -52,74 +85,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         map_location: Callable | None = lambda storage, loc: storage,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
-        if "://" not in str(path) and not get_filesystem(path).exists(path):
-            raise FileNotFoundError(f"Checkpoint file '{path}' does not exist; give the path of a .ckpt file written by `fit`.")
-        weights_only = True if weights_only is None else weights_only
-        try:
-            checkpoint = pl_load(path, map_location=map_location, weights_only=weights_only)
-        except pickle.UnpicklingError as error:
-            raise CheckpointError(
-                f"Refusing to load '{path}': it holds Python objects other than tensors and plain containers, "
-                f"which could run code when unpickled ({error}). Load only checkpoints written by `mambaout fit`; "
-                "for a file you produced yourself and trust, re-save its state dicts with torch.save."
-            ) from error
-        except (RuntimeError, EOFError, OSError) as error:
-            raise CheckpointError(
-                f"Cannot read checkpoint '{path}' (truncated, or not written by torch.save): {error}. "
-                "Resume from another checkpoint, e.g. the previous epoch's."
-            ) from error
-        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-            keys = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-            raise CheckpointError(
-                f"'{path}' is not a training checkpoint: it has no 'state_dict' (it holds {keys}). `--ckpt_path` "
-                "takes checkpoints written by `fit`; plain weight files go in `model.pretrained`."
-            )
-        return checkpoint
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save(obj, path)`` through a temporary file in the same folder and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
-
-
-def atomic_symlink(target: Path, link: Path) -> None:
-    """Point ``link`` at ``target`` (relative), replacing whatever ``link`` was in one rename."""
-    temporary = link.with_name(f".{link.name}.{os.getpid()}.link")
-    temporary.unlink(missing_ok=True)
-    os.symlink(os.path.relpath(target, link.parent), temporary)
-    os.replace(temporary, link)
-    _fsync_folder(link.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open folders
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+        return read_checkpoint(path, map_location=map_location, weights_only=True if weights_only is None else weights_only)
 
 
 class ModelCheckpoint(LightningModelCheckpoint):
@@ -138,7 +104,8 @@ class ModelCheckpoint(LightningModelCheckpoint):
             try:
                 atomic_symlink(Path(filepath), link)
             except OSError:  # no symbolic links (e.g. Windows without the privilege): an atomic copy
-                atomic_torch_save(torch.load(filepath, map_location="cpu", weights_only=True), link)
+                content = Path(filepath).read_bytes()
+                atomic_write(link, lambda file: file.write(content))
         trainer.strategy.barrier()
 
 

@@ -1,0 +1,31 @@
+"""The errors mambaout-pl raises for mistakes a user can make, one class per concept.
+
+This module imports nothing heavy, so that ``mambaout_pl.models`` (which never imports Lightning)
+and the training code share the same classes.
+"""
+
+from __future__ import annotations
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weight file that cannot be read."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A torch file that holds Python objects other than tensors and plain containers."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint whose task, weights or settings do not fit the model or run loading it."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+class OutputPathError(ValueError):
+    """A folder from the config that the run would write to lies outside ``trainer.default_root_dir``."""
+
+
+class ExportError(ValueError):
+    """A checkpoint cannot be exported or published as asked."""
