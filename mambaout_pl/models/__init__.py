@@ -12,6 +12,7 @@ from .pretrained import (
 from .backbones import FeatureBackbone
 from .upernet import FCNHead, UperNetHead
 from .segmentor import UperNetSegmentor
+from .detector import RCNNDetector
 from .inference import segment, slide_inference, whole_inference
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     'UperNetHead',
     'FCNHead',
     'UperNetSegmentor',
+    'RCNNDetector',
     'segment',
     'slide_inference',
     'whole_inference',
