@@ -16,6 +16,9 @@ from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, mask
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
+from mambaout_pl.data.coco import decode_coco_example, load_coco_split
+from mambaout_pl.data.detection_transforms import create_detection_transforms
+from mambaout_pl.data.embedded_detection import write_digit_detection
 from mambaout_pl.models import RCNNDetector, create_model, from_pretrained
 from mambaout_pl.models.detector import (
     AlignedMultiScaleRoIAlign,
@@ -109,6 +112,8 @@ def test_head_styles_differ_as_documented():
     assert mmdet.rpn._post_nms_top_n == {"training": 1000, "testing": 1000}
     assert torchvision_style.rpn._post_nms_top_n == {"training": 2000, "testing": 1000}
     assert mmdet.rpn._pre_nms_top_n == torchvision_style.rpn._pre_nms_top_n == {"training": 2000, "testing": 1000}
+    assert mmdet.roi_heads.fg_bg_sampler.batch_size_per_image == 512
+    assert small_detector(box_batch_size_per_image=64).roi_heads.fg_bg_sampler.batch_size_per_image == 64
     with pytest.raises(ValueError, match="head_style='detectron'"):
         RCNNDetector("mambaout_femto", head_style="detectron")
 
@@ -228,3 +233,17 @@ def test_mmdet_roi_heads_train_on_the_l1_and_binary_mask_losses(one_thread):
     assert smooth_box_loss.item() != pytest.approx(box_loss.item())
     soft_mask_loss = maskrcnn_loss(mask_logits, mask_boxes, gt_masks, gt_labels, mask_matched)
     assert soft_mask_loss.item() != pytest.approx(losses["loss_mask"].item())
+
+
+def test_a_train_step_on_decoded_and_transformed_coco_data(one_thread, tmp_path):
+    root = write_digit_detection(tmp_path / "digits", counts={"train": 2})
+    dataset, categories = load_coco_split(root, "train", skip_empty=True)
+    label_of = {category["id"]: index + 1 for index, category in enumerate(categories)}
+    transform = create_detection_transforms(train=True, min_size=64, max_size=96)
+    images, targets = zip(*(transform(*decode_coco_example(row, label_of)) for row in dataset))
+    detector = small_detector(num_classes=len(categories), box_batch_size_per_image=64).train()
+    optimizer = torch.optim.SGD(detector.parameters(), lr=1e-3)
+    losses = detector(list(images), list(targets))
+    assert set(losses) == LOSSES | {"loss_mask"} and all(math.isfinite(loss.item()) for loss in losses.values())
+    sum(losses.values()).backward()
+    optimizer.step()

@@ -244,6 +244,8 @@ class RCNNDetector(
         max_size: Upper bound of the longer side after that resize.
         image_mean: Per-channel mean subtracted from [0, 1] images.
         image_std: Per-channel standard deviation images are divided by.
+        box_batch_size_per_image: RoIs sampled per image to train the box and mask heads (a quarter
+            of them positive at most); fewer train faster on small images.
         box_detections_per_img: Detections kept per image at inference.
         pretrained: A local checkpoint file of ImageNet weights for the backbone, read once here.
             It is left out of the saved config: `from_pretrained` builds with None and then loads
@@ -266,6 +268,7 @@ class RCNNDetector(
             max_size: int = 1333,
             image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
             image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
+            box_batch_size_per_image: int = 512,
             box_detections_per_img: int = 100,
             pretrained: str | os.PathLike | None = None,
     ):
@@ -306,7 +309,7 @@ class RCNNDetector(
             FastRCNNPredictor(1024, num_classes + 1),
             fg_iou_thresh=0.5,
             bg_iou_thresh=0.5,
-            batch_size_per_image=512,
+            batch_size_per_image=box_batch_size_per_image,
             positive_fraction=0.25,
             bbox_reg_weights=None,
             score_thresh=0.05,
@@ -339,6 +342,7 @@ class RCNNDetector(
             "max_size": max_size,
             "image_mean": [float(value) for value in image_mean],
             "image_std": [float(value) for value in image_std],
+            "box_batch_size_per_image": box_batch_size_per_image,
             "box_detections_per_img": box_detections_per_img,
         }
 
