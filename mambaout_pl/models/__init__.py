@@ -23,6 +23,7 @@ from .mambaout import MambaOut
 from .backbones import FeatureBackbone
 from .upernet import FCNHead, UperNetHead
 from .segmentor import UperNetSegmentor
+from .detector import RCNNDetector
 from .inference import segment, slide_inference, whole_inference
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     'UperNetHead',
     'FCNHead',
     'UperNetSegmentor',
+    'RCNNDetector',
     'segment',
     'slide_inference',
     'whole_inference',

@@ -1,0 +1,216 @@
+"""A local COCO folder (``annotations/instances_<split>.json`` + ``<split>/`` images) as a ``datasets.Dataset``.
+
+Each image is one row: ``image`` (its file path, an undecoded ``datasets.Image``), ``image_id``,
+``width``, ``height`` and ``objects``, a list of the image's annotations with ``id``, ``bbox``
+(COCO's ``[x, y, width, height]`` in pixels), ``category_id`` (COCO's id), ``area``, ``iscrowd``
+and ``segmentation`` (the annotation's polygons or RLE, as a JSON string; ``""`` when absent).
+Images without annotations are rows with no objects: they count in evaluation, and training
+leaves them out (``skip_empty``).
+
+The reader checks the annotation file against the image folder before anything is trained:
+missing image files and unknown category ids raise; boxes with no width or height, or lying
+wholly outside their image, are dropped, and boxes reaching past the image border are clipped to
+it, with one counted warning per file. `decode_coco_example` turns a row into tensors for
+torchvision's detectors and raises on masks or images whose size differs from the annotation's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset, Features, List, Value
+from datasets import Image as ImageFeature
+from pycocotools import mask as mask_utils
+from torchvision import tv_tensors
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from mambaout_pl.data.sources import DataError, DataNotFoundError, InvalidLabelError, read_rgb_image
+
+__all__ = [
+    "COCO_FEATURES",
+    "CocoAnnotationWarning",
+    "decode_coco_example",
+    "decode_segmentation",
+    "load_coco_split",
+]
+
+COCO_FEATURES = Features({
+    "image": ImageFeature(decode=False),
+    "image_id": Value("int64"),
+    "width": Value("int32"),
+    "height": Value("int32"),
+    "objects": List({
+        "id": Value("int64"),
+        "bbox": List(Value("float32"), length=4),
+        "category_id": Value("int64"),
+        "area": Value("float32"),
+        "iscrowd": Value("int8"),
+        "segmentation": Value("string"),
+    }),
+})
+
+
+class CocoAnnotationWarning(UserWarning):
+    """Annotations of a COCO file that were dropped or clipped while reading it."""
+
+
+def load_coco_split(
+        data_dir: str | os.PathLike,
+        split: str = "train2017",
+        annotation_file: str | os.PathLike | None = None,
+        image_dir: str | os.PathLike | None = None,
+        skip_empty: bool = False,
+) -> tuple[Dataset, list[dict[str, Any]]]:
+    """One split of a COCO folder and its categories (``{"id", "name", ...}``, sorted by id).
+
+    Args:
+        data_dir: The folder holding ``annotations/`` and the image folders.
+        split: The split name: reads ``annotations/instances_<split>.json`` and ``<split>/``.
+        annotation_file: Another annotation file (relative to ``data_dir`` or absolute).
+        image_dir: Another image folder (relative to ``data_dir`` or absolute).
+        skip_empty: Leave out images with no annotation left after the checks (for training).
+    """
+    data_dir = Path(data_dir).expanduser()
+    annotation_path = data_dir / (annotation_file or Path("annotations") / f"instances_{split}.json")
+    image_root = data_dir / (image_dir or split)
+    if not annotation_path.is_file():
+        raise DataNotFoundError(
+            f"COCO annotation file {str(annotation_path)!r} does not exist. Set `data_dir` to the folder holding "
+            f"annotations/instances_{split}.json and {split}/, or name the file with `annotation_file`.")
+    if not image_root.is_dir():
+        raise DataNotFoundError(
+            f"COCO image folder {str(image_root)!r} does not exist. Set `data_dir` to the folder holding {split}/ "
+            "next to annotations/, or name the folder with `image_dir`.")
+    try:
+        content = json.loads(annotation_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"Cannot read COCO annotation file {str(annotation_path)!r}: {error}.") from error
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(content.get(key), list):
+            raise DataError(
+                f"COCO annotation file {str(annotation_path)!r} has no '{key}' list: give an instances_*.json file "
+                "with 'images', 'annotations' and 'categories'.")
+
+    categories = sorted(content["categories"], key=lambda category: category["id"])
+    category_ids = {category["id"] for category in categories}
+    images = {image["id"]: image for image in content["images"]}
+    missing = [image["file_name"] for image in images.values() if not (image_root / image["file_name"]).is_file()]
+    if missing:
+        raise DataNotFoundError(
+            f"{len(missing)} of the {len(images)} images listed in {str(annotation_path)!r} are not in "
+            f"{str(image_root)!r}, e.g. {missing[:3]}. Point `data_dir`/`image_dir` at the image folder that "
+            "belongs to this annotation file (for instance val2017/ with instances_val2017.json).")
+
+    objects: dict[int, list[dict[str, Any]]] = {image_id: [] for image_id in images}
+    dropped, clipped = 0, 0
+    for annotation in content["annotations"]:
+        image = images.get(annotation["image_id"])
+        if image is None:
+            raise DataError(
+                f"Annotation {annotation.get('id')} in {str(annotation_path)!r} refers to image_id "
+                f"{annotation['image_id']}, which is not among the file's images. Fix or remove that annotation.")
+        if annotation["category_id"] not in category_ids:
+            raise InvalidLabelError(
+                f"Annotation {annotation.get('id')} (image {image['file_name']!r}) in {str(annotation_path)!r} has "
+                f"category_id {annotation['category_id']}, which is not among the file's categories "
+                f"{sorted(category_ids)}. Add the category to 'categories' or fix the annotation.")
+        x, y, w, h = (float(value) for value in annotation["bbox"])
+        x1, y1 = max(x, 0.0), max(y, 0.0)
+        x2, y2 = min(x + w, float(image["width"])), min(y + h, float(image["height"]))
+        if w <= 0 or h <= 0 or x2 <= x1 or y2 <= y1:
+            dropped += 1
+            continue
+        if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+            clipped += 1
+        segmentation = annotation.get("segmentation")
+        objects[image["id"]].append({
+            "id": int(annotation.get("id", -1)),
+            "bbox": [x1, y1, x2 - x1, y2 - y1],
+            "category_id": int(annotation["category_id"]),
+            "area": float(annotation.get("area", w * h)),
+            "iscrowd": int(annotation.get("iscrowd", 0)),
+            "segmentation": json.dumps(segmentation) if segmentation else "",
+        })
+    if dropped or clipped:
+        warnings.warn(
+            f"{str(annotation_path)!r}: dropped {dropped} boxes with no width or height or lying outside their "
+            f"image, and clipped {clipped} boxes reaching past the image border to it. Fix those annotations "
+            "to keep them.", CocoAnnotationWarning, stacklevel=2)
+
+    rows = [image for image in images.values() if objects[image["id"]] or not skip_empty]
+    columns = {
+        "image": [{"path": str(image_root / image["file_name"]), "bytes": None} for image in rows],
+        "image_id": [image["id"] for image in rows],
+        "width": [image["width"] for image in rows],
+        "height": [image["height"] for image in rows],
+        "objects": [objects[image["id"]] for image in rows],
+    }
+    return Dataset.from_dict(columns, features=COCO_FEATURES), categories
+
+
+def decode_segmentation(segmentation: Any, height: int, width: int, where: str = "") -> np.ndarray:
+    """A COCO segmentation (polygons, RLE or uncompressed RLE) as a ``[height, width]`` uint8 mask."""
+    if isinstance(segmentation, str):
+        segmentation = json.loads(segmentation)
+    if isinstance(segmentation, list):
+        rles = mask_utils.frPyObjects(segmentation, height, width)
+        return mask_utils.decode(mask_utils.merge(rles))
+    size = list(segmentation.get("size", []))
+    if size != [height, width]:
+        raise DataError(
+            f"The mask of {where} is {size[0] if size else '?'}x{size[1] if len(size) > 1 else '?'} (RLE 'size', "
+            f"height x width) but its image is {height}x{width}. Re-encode the mask at the image size.")
+    if isinstance(segmentation["counts"], list):
+        segmentation = mask_utils.frPyObjects(segmentation, height, width)
+    return mask_utils.decode(segmentation)
+
+
+def decode_coco_example(
+        example: dict[str, Any],
+        label_of: dict[int, int],
+        masks: bool = True,
+        crowd: bool = False,
+) -> tuple[tv_tensors.Image, dict[str, Any]]:
+    """One row of `load_coco_split` as a uint8 CHW image and a target for torchvision's detectors.
+
+    Args:
+        example: The row.
+        label_of: COCO category id -> contiguous label 1..K (`{c["id"]: i + 1 for i, c in enumerate(categories)}`).
+        masks: Decode the instance masks (`masks`, uint8 `[N, H, W]`).
+        crowd: Keep crowd annotations (`iscrowd` 1) for evaluation; training leaves them out.
+
+    Returns:
+        The image and ``{"boxes": BoundingBoxes XYXY, "labels": int64, "iscrowd": int64, "area",
+        "image_id", ["masks": Mask]}``.
+    """
+    path = example["image"]["path"] if isinstance(example["image"], dict) else str(example["image"])
+    image = read_rgb_image(example["image"])
+    height, width = int(example["height"]), int(example["width"])
+    if image.size != (width, height):
+        raise DataError(
+            f"Image {path!r} is {image.width}x{image.height} (width x height) but its annotation file says "
+            f"{width}x{height}. Use the annotation file that belongs to these images.")
+    objects = [obj for obj in example["objects"] if crowd or not obj["iscrowd"]]
+    boxes = torch.tensor([obj["bbox"] for obj in objects], dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    target: dict[str, Any] = {
+        "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
+        "labels": torch.tensor([label_of[obj["category_id"]] for obj in objects], dtype=torch.int64),
+        "iscrowd": torch.tensor([obj["iscrowd"] for obj in objects], dtype=torch.int64),
+        "area": torch.tensor([obj["area"] for obj in objects], dtype=torch.float32),
+        "image_id": int(example["image_id"]),
+    }
+    if masks:
+        decoded = np.zeros((len(objects), height, width), dtype=np.uint8)
+        for index, obj in enumerate(objects):
+            if obj["segmentation"]:
+                where = f"annotation {obj['id']} of image {path!r}"
+                decoded[index] = decode_segmentation(obj["segmentation"], height, width, where)
+        target["masks"] = tv_tensors.Mask(torch.from_numpy(decoded))
+    return tv_tensors.Image(pil_to_tensor(image)), target
