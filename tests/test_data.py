@@ -32,7 +32,7 @@ from mambaout_pl.data import (
     open_dataset,
 )
 from mambaout_pl.data import embedded
-from mambaout_pl.data.sources import read_rgb_image
+from mambaout_pl.data.images import read_rgb_image
 from mambaout_pl.data.transforms import make_posterize_safe
 
 IMAGE_FOLDER_CLASSES = ["cat", "dog", "fish"]  # the classes of the `image_folder` fixture (conftest.py)

@@ -22,6 +22,7 @@ from mambaout_pl.data import (
     ColumnNotFoundError,
     DataError,
     DataNotFoundError,
+    ImageClassificationDataModule,
     InvalidLabelError,
     SegmentationDataModule,
     create_segmentation_transforms,
@@ -37,7 +38,7 @@ STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
 def make_module(tmp_path: Path, **kwargs) -> SegmentationDataModule:
     """A data module with small, single-process defaults and a private cache."""
     defaults = dict(
-        crop_size=32, scale=(64, 32), batch_size=2, eval_batch_size=2, num_workers=0, pin_memory=False,
+        crop_size=32, resize_scale=(64, 32), batch_size=2, eval_batch_size=2, num_workers=0, pin_memory=False,
         cache_dir=str(tmp_path / "hf_cache"),
     )
     return SegmentationDataModule(**{**defaults, **kwargs})
@@ -125,7 +126,7 @@ def test_eval_transform_rescales_the_image_and_leaves_the_mask():
 
 
 def test_ade20k_folder_splits_classes_and_batches(ade20k_folder, tmp_path):
-    dm = make_module(tmp_path, data_dir=str(ade20k_folder), reduce_zero_label=True)
+    dm = make_module(tmp_path, path="ade20k", data_dir=str(ade20k_folder), reduce_zero_label=True)
     assert dm.num_classes == 150 and dm.label_names == list(ADE20K_CLASSES)
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 4 and len(dm.datasets["val"]) == 2
@@ -150,7 +151,7 @@ def test_ade20k_folder_splits_classes_and_batches(ade20k_folder, tmp_path):
 
 
 def test_ade20k_folder_without_reduce_zero_label_has_the_other_class(ade20k_folder, tmp_path):
-    dm = make_module(tmp_path, data_dir=str(ade20k_folder))
+    dm = make_module(tmp_path, path="ade20k", data_dir=str(ade20k_folder))
     assert dm.num_classes == 151 and dm.label_names[:2] == ["other", "wall"]
     dm.setup("validate")
     assert set(dm.datasets["val"][0]["mask"].unique().tolist()) == {0, 1, 2}
@@ -158,22 +159,22 @@ def test_ade20k_folder_without_reduce_zero_label_has_the_other_class(ade20k_fold
 
 def test_class_names_file_names_the_classes(ade20k_folder, tmp_path):
     (ade20k_folder / "class_names.txt").write_text("other\nleft\nright\n")
-    dm = make_module(tmp_path, data_dir=str(ade20k_folder))
+    dm = make_module(tmp_path, path="ade20k", data_dir=str(ade20k_folder))
     assert dm.label_names == ["other", "left", "right"]
-    dm = make_module(tmp_path, data_dir=str(ade20k_folder), num_classes=5)
+    dm = make_module(tmp_path, path="ade20k", data_dir=str(ade20k_folder), num_classes=5)
     assert dm.label_names == ["0", "1", "2", "3", "4"]
-    dm = make_module(tmp_path, data_dir=str(ade20k_folder), label_names=["a", "b", "c"])
+    dm = make_module(tmp_path, path="ade20k", data_dir=str(ade20k_folder), label_names=["a", "b", "c"])
     assert dm.num_classes == 3
 
 
 def test_missing_annotations_folder_is_named(ade20k_folder, tmp_path):
     shutil.rmtree(ade20k_folder / "annotations" / "validation")
-    dm = make_module(tmp_path, data_dir=str(ade20k_folder), reduce_zero_label=True)
+    dm = make_module(tmp_path, path="ade20k", data_dir=str(ade20k_folder), reduce_zero_label=True)
     expected = str(ade20k_folder / "annotations" / "validation")
     with pytest.raises(ColumnNotFoundError, match=f"'validation' has no label maps: folder '{expected}' does not exist"):
         dm.setup("fit")
     # An unlabelled split can still be predicted on.
-    dm = make_module(tmp_path, data_dir=str(ade20k_folder), reduce_zero_label=True, predict_split="validation")
+    dm = make_module(tmp_path, path="ade20k", data_dir=str(ade20k_folder), reduce_zero_label=True, predict_split="validation")
     batch = next(iter(dm.predict_dataloader()))
     assert "mask" not in batch and batch["name"] == ["ADE_validation_00000000", "ADE_validation_00000001"]
 
@@ -182,17 +183,17 @@ def test_missing_label_map_and_missing_folder_are_named(ade20k_folder, tmp_path)
     missing = ade20k_folder / "annotations" / "training" / "ADE_training_00000002.png"
     missing.unlink()
     with pytest.raises(DataNotFoundError, match=r"ADE_training_00000002\.jpg' has no label map: expected '.*ADE_training_00000002\.png'"):
-        make_module(tmp_path, data_dir=str(ade20k_folder)).num_classes
+        make_module(tmp_path, path="ade20k", data_dir=str(ade20k_folder)).num_classes
     with pytest.raises(DataNotFoundError, match="No 'images' folder in data_dir"):
-        make_module(tmp_path, data_dir=str(ade20k_folder / "annotations")).num_classes
+        make_module(tmp_path, path="ade20k", data_dir=str(ade20k_folder / "annotations")).num_classes
     with pytest.raises(DataNotFoundError, match="no_such_folder"):
-        make_module(tmp_path, data_dir=str(tmp_path / "no_such_folder")).num_classes
+        make_module(tmp_path, path="ade20k", data_dir=str(tmp_path / "no_such_folder")).num_classes
 
 
 def test_mask_of_another_size_names_both_files(ade20k_folder, tmp_path):
     mask_path = ade20k_folder / "annotations" / "training" / "ADE_training_00000001.png"
     Image.fromarray(np.ones((10, 12), np.uint8), mode="L").save(mask_path)
-    dm = make_module(tmp_path, data_dir=str(ade20k_folder), reduce_zero_label=True)
+    dm = make_module(tmp_path, path="ade20k", data_dir=str(ade20k_folder), reduce_zero_label=True)
     dm.setup("fit")
     with pytest.raises(DataError, match=r"ADE_training_00000001\.png' is 12x10 .* image '.*ADE_training_00000001\.jpg' is 40x56"):
         dm.datasets["train"][1]
@@ -204,14 +205,14 @@ def test_labels_outside_the_classes_name_the_file_and_the_fix(ade20k_folder, tmp
     labels = ade20k_label_map(48, 40)
     labels[10, 10] = 150
     Image.fromarray(labels, mode="L").save(mask_path)
-    dm = make_module(tmp_path, data_dir=str(ade20k_folder), num_classes=150)
+    dm = make_module(tmp_path, path="ade20k", data_dir=str(ade20k_folder), num_classes=150)
     dm.setup("fit")
     with pytest.raises(InvalidLabelError, match=r"ADE_training_00000000\.png' holds label value\(s\) 150 .*reduce_zero_label: true"):
         dm.datasets["train"][0]
 
     labels[10, 10] = 200  # neither a class nor the ignore index, even after reduce_zero_label
     Image.fromarray(labels, mode="L").save(mask_path)
-    dm = make_module(tmp_path, data_dir=str(ade20k_folder), reduce_zero_label=True)
+    dm = make_module(tmp_path, path="ade20k", data_dir=str(ade20k_folder), reduce_zero_label=True)
     dm.setup("fit")
     with pytest.raises(InvalidLabelError, match=r"value\(s\) 200 .*\[0, 150\).*num_classes` to at least 200"):
         dm.datasets["train"][0]
@@ -220,7 +221,7 @@ def test_labels_outside_the_classes_name_the_file_and_the_fix(ade20k_folder, tmp
 def test_colour_label_maps_are_refused(ade20k_folder, tmp_path):
     mask_path = ade20k_folder / "annotations" / "training" / "ADE_training_00000000.png"
     Image.new("RGB", (48, 40), (1, 1, 1)).save(mask_path)
-    dm = make_module(tmp_path, data_dir=str(ade20k_folder), reduce_zero_label=True)
+    dm = make_module(tmp_path, path="ade20k", data_dir=str(ade20k_folder), reduce_zero_label=True)
     dm.setup("fit")
     with pytest.raises(InvalidLabelError, match="is a RGB image; a label map holds one class index per pixel"):
         dm.datasets["train"][0]
@@ -231,7 +232,7 @@ def test_colour_label_maps_are_refused(ade20k_folder, tmp_path):
 
 
 def test_parquet_with_image_and_mask_columns(segmentation_parquet, tmp_path):
-    dm = make_module(tmp_path, path="parquet", data_files=segmentation_parquet, num_classes=3, scale=(32, 24))
+    dm = make_module(tmp_path, path="parquet", data_files=segmentation_parquet, num_classes=3, resize_scale=(32, 24))
     assert dm.label_names == ["0", "1", "2"]
     (val,) = list(dm.val_dataloader())
     assert val["mask"].shape == (2, 24, 32) and val["image"].shape == (2, 3, 24, 32)
@@ -247,7 +248,7 @@ def test_parquet_with_image_and_mask_columns(segmentation_parquet, tmp_path):
 def test_embedded_digit_scenes_are_labelled_scenes(tmp_path):
     # The shared test cache ($MAMBAOUT_PL_CACHE): written once for every test that uses the scenes.
     size = embedded.DIGIT_SCENE_SIZE
-    dm = make_module(tmp_path, path="builtin:digit_scenes", crop_size=size, scale=(2 * size, size), cache_dir=None)
+    dm = make_module(tmp_path, path="builtin:digit_scenes", crop_size=size, resize_scale=(2 * size, size), cache_dir=None)
     assert dm.label_names == ["background", *[str(digit) for digit in range(10)]]
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 1200 and len(dm.datasets["val"]) == 200
@@ -267,7 +268,11 @@ def test_embedded_digit_scenes_are_labelled_scenes(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (2, 3, size, size) and batch["mask"].max() <= 255
 
-    with pytest.raises(DataError, match="is a segmentation dataset"):
-        open_dataset("builtin:digit_scenes")
+    # open_dataset reads the scenes as the ADE20K-layout folder they are written as.
+    opened = open_dataset("builtin:digit_scenes")
+    assert sorted(opened) == ["train", "validation"] and len(opened["validation"]) == 200
+    assert {"image", "mask", "name"} <= set(opened["train"].column_names)
+    with pytest.raises(DataError, match="is not a classification dataset; embedded classification datasets: 'builtin:digits'"):
+        ImageClassificationDataModule(path="builtin:digit_scenes").num_classes
     with pytest.raises(DataError, match="not a segmentation dataset"):
         make_module(tmp_path, path="builtin:digits").num_classes
