@@ -95,10 +95,10 @@ class BaseDataModule(LightningDataModule):
             example, so batch sizes do not change; streamed data leaves it out.
     """
 
-    #: ``path`` when None: the embedded quick-start dataset of this task.
-    default_path: str = "builtin:digits"
+    #: ``path`` when None: the embedded quick-start dataset of this task (None: ``path`` is required).
+    default_path: str | None = None
     #: The task's name in messages ("classification"), and the embedded datasets it can read.
-    task: str = "classification"
+    task: str = "this task's"
     builtin_datasets: frozenset[str] = frozenset()
     #: Constructor arguments left out of the saved hyper-parameters.
     hparams_ignore: tuple[str, ...] = ()
@@ -185,6 +185,8 @@ class BaseDataModule(LightningDataModule):
         if self._source is None:
             hp = self.hparams
             path = self.default_path if hp.path is None else hp.path
+            if path is None:
+                raise DataError("No data: set `path` (a Hub id, a builder such as 'imagefolder', or a folder).")
             if path.startswith(embedded.BUILTIN_PREFIX):
                 self._check_builtin(path)
             resolved_path, data_dir = resolve_builtin(path, hp.data_dir, hp.data_files, hp.cache_dir)
@@ -194,7 +196,7 @@ class BaseDataModule(LightningDataModule):
     def describe_source(self) -> str:
         """The source as the user named it, for messages."""
         hp = self.hparams
-        return hp.data_dir if hp.data_dir is not None else (hp.path or self.default_path)
+        return hp.data_dir if hp.data_dir is not None else str(hp.path or self.default_path)
 
     def _check_builtin(self, path: str) -> None:
         try:
