@@ -26,7 +26,7 @@ QUICKSTARTS = {
         "--data.batch_size=2",
         "--data.eval_batch_size=1",
         "--data.crop_size=32",
-        "--data.scale=[64,32]",
+        "--data.resize_scale=[64,32]",
         "--data.num_workers=0",
     ],
     "quickstart": ["--data.batch_size=8", "--data.num_workers=0"],

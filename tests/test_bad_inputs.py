@@ -26,7 +26,7 @@ from helpers import small_run_args
 
 from mambaout_pl.cli import main, run_cli
 from mambaout_pl.data import CorruptImageError, DataError, DataNotFoundError, ImageClassificationDataModule, SegmentationDataModule
-from mambaout_pl.data.sources import ColumnNotFoundError, InvalidLabelError, SplitNotFoundError
+from mambaout_pl.data import ColumnNotFoundError, InvalidLabelError, SplitNotFoundError
 from mambaout_pl.errors import CheckpointError, CheckpointMismatchError, OutputPathError
 
 ROOT = Path(__file__).parents[1]
@@ -282,7 +282,7 @@ def ade20k(tmp_path: Path) -> Path:
 
 
 def segmentation_module(tmp_path: Path, **kwargs) -> SegmentationDataModule:
-    defaults = dict(crop_size=32, scale=(64, 32), batch_size=2, num_workers=0, pin_memory=False, reduce_zero_label=True)
+    defaults = dict(crop_size=32, resize_scale=(64, 32), batch_size=2, num_workers=0, pin_memory=False, reduce_zero_label=True)
     return SegmentationDataModule(**{**defaults, **kwargs})
 
 
@@ -292,7 +292,7 @@ def test_segmentation_bad_inputs_name_the_file(ade20k: Path, tmp_path: Path) -> 
     labels = np.full((48, 56), 250, np.uint8)
     Image.fromarray(labels, mode="L").save(annotations / "ADE_training_00000002.png")
     (annotations / "ADE_training_00000003.png").write_bytes(b"\x89PNG truncated")
-    data = segmentation_module(tmp_path, data_dir=str(ade20k))
+    data = segmentation_module(tmp_path, path="ade20k", data_dir=str(ade20k))
     data.setup("fit")
     train = data.datasets["train"]
     with pytest.raises(DataError, match=r"ADE_training_00000001\.png' is 12x10 .*ADE_training_00000001\.jpg' is 40x56"):
@@ -302,7 +302,7 @@ def test_segmentation_bad_inputs_name_the_file(ade20k: Path, tmp_path: Path) -> 
     with pytest.raises(CorruptImageError, match=r"label map '.*ADE_training_00000003\.png'"):
         train[3]
     with pytest.raises(DataNotFoundError, match="no_such_folder"):
-        segmentation_module(tmp_path, data_dir=str(tmp_path / "no_such_folder")).num_classes
+        segmentation_module(tmp_path, path="ade20k", data_dir=str(tmp_path / "no_such_folder")).num_classes
     with pytest.raises(ColumnNotFoundError, match=r"Column 'labels' does not exist.*`mask_column`"):
         parquet = tmp_path / "scenes.parquet"
         from conftest import write_segmentation_parquet

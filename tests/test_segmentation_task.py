@@ -165,7 +165,7 @@ def test_schedule_warms_up_per_update_then_decays_polynomially_over_max_steps(tm
 def test_evaluation_scores_each_image_at_its_original_size(ade20k_folder, tmp_path):
     torch.manual_seed(0)
     dm = SegmentationDataModule(
-        data_dir=str(ade20k_folder), reduce_zero_label=True, scale=(64, 32), eval_batch_size=2, num_workers=0
+        path="ade20k", data_dir=str(ade20k_folder), reduce_zero_label=True, resize_scale=(64, 32), eval_batch_size=2, num_workers=0
     )
     task = SegmentationTask(**SMALL, num_classes=dm.num_classes, inference="slide", slide_crop_size=(24, 24), slide_stride=(16, 16)).eval()
     batch = next(iter(dm.val_dataloader()))
@@ -205,7 +205,7 @@ class ImageRecorder(Logger):
 
 def test_validation_sends_image_truth_prediction_pictures_to_the_logger(ade20k_folder, tmp_path):
     dm = SegmentationDataModule(
-        data_dir=str(ade20k_folder), reduce_zero_label=True, crop_size=32, scale=(64, 32), batch_size=2, num_workers=0
+        path="ade20k", data_dir=str(ade20k_folder), reduce_zero_label=True, crop_size=32, resize_scale=(64, 32), batch_size=2, num_workers=0
     )
     task = SegmentationTask(**SMALL, num_classes=dm.num_classes, num_val_images=2)
     recorder = ImageRecorder()
@@ -224,7 +224,7 @@ def test_validation_sends_image_truth_prediction_pictures_to_the_logger(ade20k_f
 
 def test_predict_writes_palette_pngs_of_the_predictions(ade20k_folder, tmp_path):
     dm = SegmentationDataModule(
-        data_dir=str(ade20k_folder), reduce_zero_label=True, scale=(64, 32), predict_split="validation", num_workers=0
+        path="ade20k", data_dir=str(ade20k_folder), reduce_zero_label=True, resize_scale=(64, 32), predict_split="validation", num_workers=0
     )
     out = tmp_path / "predictions"
     task = SegmentationTask(**SMALL, num_classes=dm.num_classes, predict_dir=str(out))

@@ -20,7 +20,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 
-from mambaout_pl.data.sources import DataError, DataNotFoundError
+from mambaout_pl.data.errors import DataError, DataNotFoundError
 
 #: ADE20K's classes in label order (label 0, "other", is not one of them: ``reduce_zero_label``).
 ADE20K_CLASSES: tuple[str, ...] = (

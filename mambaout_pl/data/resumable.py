@@ -10,12 +10,8 @@ Three parts make the rest of an interrupted epoch equal to the uninterrupted one
 - :class:`ResumableDataLoader`: its state is the epoch and the batches consumed; built with
   ``resume_state``, its first epoch skips the consumed batches without loading them.
 
-:class:`ResumableTrainData` gives a data module the three together: it keeps the training
-loader's state in the module's own ``state_dict`` and builds the next loader with it after
-``load_state_dict``. Lightning (2.6) also saves a stateful loader's state
-in its loop state, but never gives it back when ``configure_optimizers`` reads
-``trainer.estimated_stepping_batches`` (ours does): that builds the loader and its iterator
-before the loop state is restored.
+``BaseDataModule`` (``base.py``) trains from these, keeps the training loader's state in its own
+``state_dict`` and builds the next loader with it after ``load_state_dict``.
 """
 
 from __future__ import annotations
@@ -26,8 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 
 class EpochShuffleSampler(RandomSampler):
@@ -166,51 +161,3 @@ def train_loader_state(trainer: Any) -> dict[str, int] | None:
     if state["consumed"] >= trainer.num_training_batches:  # the epoch is over (``limit_train_batches`` included)
         return {"epoch": state["epoch"] + 1, "consumed": 0}
     return state
-
-
-class ResumableTrainData:
-    """Data-module mixin: seeded training loaders that continue mid-epoch after ``load_state_dict``.
-
-    Uses the module's ``seed``, ``drop_last``, ``num_workers``, ``pin_memory`` and
-    ``persistent_workers`` hyper-parameters.
-    """
-
-    _train_loader_resume_state: dict[str, int] | None = None  # from a checkpoint, for the next train loader
-
-    def state_dict(self) -> dict[str, Any]:
-        """The training loader's position (epoch, batches consumed), saved in checkpoints."""
-        state = train_loader_state(self.trainer)
-        return {"train_loader": state} if state is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Make the next training loader continue where the checkpoint's stopped."""
-        self._train_loader_resume_state = state_dict.get("train_loader")
-
-    def resumable_train_loader(self, dataset: Sized, batch_size: int, collate_fn: Any) -> ResumableDataLoader:
-        """Training batches of ``dataset`` in the seeded order, resuming from a loaded state once."""
-        hp = self.hparams
-        resume_state, self._train_loader_resume_state = self._train_loader_resume_state, None
-        return ResumableDataLoader(
-            SeededSamples(dataset),
-            batch_size=batch_size,
-            sampler=EpochShuffleSampler(dataset, seed=hp.seed),
-            drop_last=hp.drop_last,
-            num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory and torch.cuda.is_available(),
-            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-            collate_fn=collate_fn,
-            resume_state=resume_state,
-        )
-
-
-def evaluation_sampler(dataset: Sized, trainer: Any) -> Sampler | None:
-    """In order; with several processes, each example on exactly one rank.
-
-    Lightning's default ``DistributedSampler`` repeats examples to give every rank as many, so
-    metrics over several processes would count some twice. (Uneven ranks are fine here: nothing
-    synchronises during an evaluation step, only at its end.)
-    """
-    world_size = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
-    if world_size <= 1:
-        return None
-    return UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=int(trainer.global_rank), shuffle=False)

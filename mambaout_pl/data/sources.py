@@ -1,65 +1,72 @@
-"""Open a dataset the way a user names it, and read the images inside it.
+"""Open a dataset the way a user names it: a Hub id, a builder, a folder, or ``builtin:<name>``.
 
 A user names a dataset by ``path`` (and optionally ``name``, ``data_dir``, ``data_files``,
 ``revision``), exactly as in ``datasets.load_dataset``:
 
 - a Hub id such as ``"ILSVRC/imagenet-1k"`` (downloaded and cached by ``datasets``);
 - a packaged builder such as ``"imagefolder"`` or ``"parquet"`` with ``data_dir`` / ``data_files``;
+- ``"ade20k"`` with ``data_dir``: a folder in the ADEChallengeData2016 layout (``ade20k.py``);
 - a local folder of data files, or a folder written by ``Dataset.save_to_disk``;
 - ``"builtin:<name>"``, an embedded quick-start dataset that needs no network (``embedded.py``).
 
-Everything a user can get wrong (a missing folder, split, column; an unreadable image) raises a
-:class:`DataError` subclass whose message names the value and says which argument to change.
+Everything a user can get wrong raises a :class:`~mambaout_pl.data.errors.DataError` subclass
+whose message names the value and says which argument to change.
 """
 
 from __future__ import annotations
 
-import io
 import os
+import pkgutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import datasets
-import numpy as np
-import pyarrow as pa
+import datasets.packaged_modules
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
-from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
-from PIL import Image, ImageOps
 
 from mambaout_pl.data import embedded
+from mambaout_pl.data.ade20k import load_ade20k_folder
+from mambaout_pl.data.errors import DataError, DataNotFoundError, SplitNotFoundError
 
-AnyDataset = Union[Dataset, IterableDataset]
-AnyDatasetDict = Union[DatasetDict, IterableDatasetDict]
-DataFiles = Union[str, Sequence[str], Mapping[str, Union[str, Sequence[str]]]]
+AnyDataset = Dataset | IterableDataset
+AnyDatasetDict = DatasetDict | IterableDatasetDict
+DataFiles = str | Sequence[str] | Mapping[str, str | Sequence[str]]
+
+#: ``path`` of a folder in the ADEChallengeData2016 layout, given as ``data_dir``.
+ADE20K_LAYOUT = "ade20k"
 
 # Number of shards a saved-to-disk dataset is cut into when streamed, so that ranks and
 # dataloader workers each get whole shards.
 _SAVED_DATASET_STREAMING_SHARDS = 64
 
-
-class DataError(Exception):
-    """A problem with the data a user pointed at; the message says what to change."""
-
-
-class DataNotFoundError(DataError, FileNotFoundError):
-    """A dataset, folder or file that does not exist or cannot be reached."""
+# The builders that ship with ``datasets`` (``"imagefolder"``, ``"parquet"``, ...): their
+# ``data_dir`` is a folder of its own, not one inside a dataset repository.
+PACKAGED_BUILDERS = frozenset(module.name for module in pkgutil.iter_modules(datasets.packaged_modules.__path__))
 
 
-class SplitNotFoundError(DataError, ValueError):
-    """A split the configuration asks for that the dataset does not have."""
+def resolve_builtin(
+    path: str, data_dir: str | os.PathLike | None, data_files: DataFiles | None, cache_dir: str | os.PathLike | None
+) -> tuple[str, str | os.PathLike | None]:
+    """``(path, data_dir)`` with an embedded ``builtin:<name>`` written to disk and named by its builder.
 
-
-class ColumnNotFoundError(DataError, ValueError):
-    """A column the configuration asks for that the dataset does not have."""
-
-
-class InvalidLabelError(DataError, ValueError):
-    """A label that is missing, not an integer, or outside [0, num_classes)."""
-
-
-class CorruptImageError(DataError, OSError):
-    """An image that cannot be decoded."""
+    Classification data becomes ``("imagefolder", folder)``, segmentation data ``("ade20k", folder)``;
+    any other ``path`` is returned as is.
+    """
+    if not path.startswith(embedded.BUILTIN_PREFIX):
+        return path, data_dir
+    if data_dir is not None or data_files is not None:
+        raise DataError(
+            f"path={path!r} is an embedded dataset and takes no data_dir or data_files; remove them, or set "
+            "`path` to the builder that reads your files: 'imagefolder' (classification) or 'ade20k' (an "
+            "ADEChallengeData2016-layout folder), with `data_dir` the folder."
+        )
+    try:
+        name = embedded.builtin_name(path)
+    except ValueError as error:
+        raise DataError(f"{error} Set `path` to one of them.") from error
+    folder = embedded.materialize(path, cache_dir=cache_dir)
+    return (ADE20K_LAYOUT if name in embedded.SEGMENTATION_DATASETS else "imagefolder"), folder
 
 
 def open_dataset(
@@ -73,33 +80,22 @@ def open_dataset(
     cache_dir: str | os.PathLike | None = None,
     token: bool | str | None = None,
 ) -> AnyDatasetDict | AnyDataset:
-    """Open a dataset by Hub id, packaged builder, local folder or ``builtin:<name>``.
+    """Open a dataset by Hub id, packaged builder, ADE20K-layout folder, local folder or ``builtin:<name>``.
 
     Returns all splits (a ``DatasetDict``, or an ``IterableDatasetDict`` when ``streaming``), or
     the one split named by ``split``. A folder saved with ``save_to_disk`` holding a single
     ``Dataset`` is returned as the split ``"train"``.
     """
-    if path.startswith(embedded.BUILTIN_PREFIX):
-        if data_dir is not None or data_files is not None:
-            raise DataError(
-                f"path={path!r} is an embedded dataset and takes no data_dir or data_files; "
-                "remove them, or set path to a builder such as 'imagefolder' to read your own files."
-            )
-        try:
-            name_of_builtin = embedded.builtin_name(path)
-        except ValueError as error:
-            raise DataError(f"{error} Set `path` to one of them.") from error
-        if name_of_builtin in embedded.SEGMENTATION_DATASETS:
-            raise DataError(
-                f"path={path!r} is a segmentation dataset (images with label maps); open it with "
-                "mambaout_pl.data.SegmentationDataModule, or set `path` to a classification dataset "
-                "such as 'builtin:digits'."
-            )
-        data_dir = embedded.materialize(path, cache_dir=cache_dir)
-        path = "imagefolder"
-
+    path, data_dir = resolve_builtin(path, data_dir, data_files, cache_dir)
     local = Path(path).expanduser()
-    if _is_saved_to_disk(local):
+    if path == ADE20K_LAYOUT:
+        if data_dir is None:
+            raise DataError(
+                f"path={path!r} reads an ADEChallengeData2016-layout folder: set `data_dir` to the folder "
+                "holding images/ and annotations/."
+            )
+        splits = _maybe_stream(load_ade20k_folder(data_dir), streaming)
+    elif _is_saved_to_disk(local):
         splits = _load_saved(local, streaming=streaming)
     else:
         _check_local_paths(path, local, data_dir, data_files)
@@ -124,135 +120,8 @@ def get_split(splits: Mapping[str, AnyDataset], split: str, argument: str, path:
         return splits[split]
     of = f" of {path!r}" if path else ""
     raise SplitNotFoundError(
-        f"Split {split!r}{of} does not exist; available splits: {sorted(splits)}. "
-        f"Set `{argument}` to one of them."
+        f"Split {split!r}{of} does not exist; available splits: {sorted(splits)}. Set `{argument}` to one of them."
     )
-
-
-def check_columns(dataset: AnyDataset, columns: Mapping[str, str], split: str = "") -> None:
-    """Raise if a column named by the argument -> column mapping ``columns`` is missing.
-
-    A streaming dataset whose columns are unknown until it is read is not checked.
-    """
-    available = dataset.column_names
-    if available is None:
-        return
-    for argument, column in columns.items():
-        if column not in available:
-            where = f" in split {split!r}" if split else ""
-            raise ColumnNotFoundError(
-                f"Column {column!r} does not exist{where}; available columns: {available}. "
-                f"Set `{argument}` to one of them."
-            )
-
-
-def check_not_empty(dataset: AnyDataset, split: str, argument: str, path: str = "") -> None:
-    """Raise if a map-style split has no rows (a streamed split's length is unknown until read)."""
-    if isinstance(dataset, Dataset) and len(dataset) == 0:
-        of = f" of {path!r}" if path else ""
-        raise DataError(
-            f"Split {split!r}{of} is empty: it has no examples. Add data to it, or set `{argument}` to a "
-            "split that has some."
-        )
-
-
-def integer_labels(dataset: Dataset, column: str, split: str) -> np.ndarray:
-    """The label column of a map-style dataset as integers, read without decoding any image.
-
-    Raises if the column is not integer-typed or has a missing value.
-    """
-    table = dataset.select_columns([column]).with_format("arrow")[:]
-    array = table.column(column).combine_chunks()
-    if not pa.types.is_integer(array.type):
-        raise InvalidLabelError(
-            f"Column {column!r} of split {split!r} holds {array.type} values, not integer class "
-            "indices. Set `label_column` to an integer or ClassLabel column, or encode the labels "
-            "first (e.g. `dataset.class_encode_column`)."
-        )
-    if array.null_count:
-        row = int(np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False))[0])
-        raise InvalidLabelError(f"Column {column!r} of split {split!r} has a missing label at row {row}.")
-    return array.to_numpy(zero_copy_only=False)
-
-
-def check_labels(dataset: Dataset, column: str, num_classes: int, split: str) -> None:
-    """Raise if any label is missing or outside ``[0, num_classes)``; vectorised over the column."""
-    values = integer_labels(dataset, column, split)
-    bad = np.flatnonzero((values < 0) | (values >= num_classes))
-    if bad.size:
-        row = int(bad[0])
-        hint = " (-1 usually marks an unlabelled split: use it as `predict_split`)" if values[row] == -1 else ""
-        raise InvalidLabelError(
-            f"Label {int(values[row])} at row {row} of column {column!r} in split {split!r} is outside "
-            f"[0, {num_classes}){hint}; {bad.size} row(s) are out of range. Fix the labels, or check "
-            "`label_column` and that every split uses the train split's classes."
-        )
-
-
-def open_image(value: Any) -> Image.Image:
-    """Open an image stored as ``datasets.Image(decode=False)`` gives it: ``{"bytes", "path"}``.
-
-    Also accepts a path string or a PIL image. The pixels are read now, so a truncated or
-    corrupt file fails here. Raises :class:`CorruptImageError` naming the file.
-    """
-    if isinstance(value, Image.Image):
-        return value
-    if isinstance(value, (str, os.PathLike)):
-        value = {"bytes": None, "path": os.fspath(value)}
-    data, path = value.get("bytes"), value.get("path")
-    where = path or "<in-memory bytes>"
-    try:
-        if data is not None:
-            image = Image.open(io.BytesIO(data))
-        elif path is None:
-            raise ValueError("the row has neither image bytes nor a path")
-        elif "://" in path or "::" in path:
-            from datasets.utils.file_utils import xopen
-
-            with xopen(path, "rb") as file:
-                image = Image.open(io.BytesIO(file.read()))
-        else:
-            image = Image.open(path)
-        image.load()
-    except Exception as error:
-        raise CorruptImageError(f"Cannot decode image {where}: {error}") from error
-    return image
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation and convert any PIL mode to 8-bit RGB.
-
-    Transparency is composited over white; 16- and 32-bit integer images are scaled from their
-    16-bit range to 8 bits (PIL's own ``convert`` would clip them); CMYK uses PIL's conversion.
-    """
-    image = ImageOps.exif_transpose(image)
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I;16") or mode == "I":
-        pixels = np.asarray(image, dtype=np.float64)
-        pixels = np.clip(np.rint(pixels / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(pixels, mode="L").convert("RGB")
-    if mode == "F":
-        pixels = np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8)
-        return Image.fromarray(pixels, mode="L").convert("RGB")
-    if (mode == "P" and "transparency" in image.info) or mode == "PA":
-        image, mode = image.convert("RGBA"), "RGBA"
-    if mode in ("RGBA", "LA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def read_rgb_image(value: Any) -> Image.Image:
-    """Open a stored image (see :func:`open_image`) as an upright 8-bit RGB PIL image."""
-    image = open_image(value)
-    try:
-        return to_rgb(image)
-    except Exception as error:
-        where = value.get("path") if isinstance(value, dict) else value
-        raise CorruptImageError(f"Cannot convert image {where} (mode {image.mode}) to RGB: {error}") from error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,12 +139,17 @@ def _load_saved(folder: Path, streaming: bool) -> AnyDatasetDict:
         raise DataError(f"Cannot load the dataset saved with save_to_disk at {folder}: {error}") from error
     if isinstance(loaded, Dataset):
         loaded = DatasetDict({"train": loaded})
+    return _maybe_stream(loaded, streaming)
+
+
+def _maybe_stream(splits: DatasetDict, streaming: bool) -> AnyDatasetDict:
+    """``splits`` as they are, or as iterable datasets cut into shards for ranks and workers."""
     if not streaming:
-        return loaded
+        return splits
     return IterableDatasetDict(
         {
             split: dataset.to_iterable_dataset(num_shards=max(1, min(len(dataset), _SAVED_DATASET_STREAMING_SHARDS)))
-            for split, dataset in loaded.items()
+            for split, dataset in splits.items()
         }
     )
 
@@ -295,7 +169,7 @@ def _check_local_paths(path: str, local: Path, data_dir: Any, data_files: DataFi
             f"Dataset path {path!r} does not exist ({local.resolve()}). Set `path` to an existing "
             "folder, a Hub dataset id, or a builder such as 'imagefolder' with `data_dir`."
         )
-    builder = path in _PACKAGED_DATASETS_MODULES
+    builder = path in PACKAGED_BUILDERS
     if data_dir is not None and not _is_remote(str(data_dir)):
         folder = Path(data_dir).expanduser()
         # Inside a Hub or local dataset repository, data_dir is relative to the repository.
@@ -313,8 +187,7 @@ def _check_local_paths(path: str, local: Path, data_dir: Any, data_files: DataFi
                 continue  # globs and URLs are resolved by datasets
             if not Path(file).expanduser().exists():
                 raise DataNotFoundError(
-                    f"Data file {file!r} does not exist ({Path(file).expanduser().resolve()}). "
-                    "Fix `data_files`."
+                    f"Data file {file!r} does not exist ({Path(file).expanduser().resolve()}). Fix `data_files`."
                 )
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from mambaout_pl.data.batches import ClassificationBatch
 from mambaout_pl.export.spec import ExportSpec, preprocessing_config
 from mambaout_pl.models import create_model
 from mambaout_pl.tasks.base import BaseTask
@@ -135,7 +136,7 @@ class ClassificationTask(BaseTask):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: ClassificationBatch, batch_idx: int) -> torch.Tensor:
         images, labels = self.unpack_batch(batch, "image", "label")
         targets = labels
         if self.mixup is not None:
@@ -146,28 +147,28 @@ class ClassificationTask(BaseTask):
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
         return loss
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def validation_step(self, batch: ClassificationBatch, batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
         self.val_metrics.reset()
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
+    def test_step(self, batch: ClassificationBatch, batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.test_metrics.compute())
         self.test_metrics.reset()
 
-    def _evaluate(self, batch: Any, stage: str, metrics: MetricCollection) -> None:
+    def _evaluate(self, batch: ClassificationBatch, stage: str, metrics: MetricCollection) -> None:
         images, labels = self.unpack_batch(batch, "image", "label")
         logits = self(images)
         loss = self.eval_criterion(logits, labels)
         self.log_eval_loss(stage, loss, batch_size=images.shape[0])
         metrics.update(logits, labels)
 
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+    def predict_step(self, batch: ClassificationBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Class index, class probabilities and class name for each image."""
         images, _ = self.unpack_batch(batch, "image", "label")
         probabilities = F.softmax(self(images).float(), dim=-1)

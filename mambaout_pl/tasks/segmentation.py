@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MetricCollection
 
+from mambaout_pl.data.batches import SegmentationEvalBatch, SegmentationTrainBatch, unpadded_image, unpadded_mask
 from mambaout_pl.export.spec import ExportSpec, preprocessing_config
 from mambaout_pl.models.inference import INFERENCE_MODES, segment
 from mambaout_pl.models.segmentor import DECODE_HEADS, UperNetSegmentor
@@ -25,9 +26,9 @@ class SegmentationTask(BaseTask):
     """Train and evaluate a semantic segmentation network (``UperNetSegmentor``).
 
     ``task(images)`` returns logits ``[B, num_classes, H, W]`` at the image size. Training batches
-    are ``{"image": [B, 3, h, w], "mask": [B, h, w]}``; evaluation batches also carry each image's
-    ``image_size`` and ``original_size`` (see ``SegmentationDataModule``), and predictions are
-    scored at the original label resolution. Logs ``train/loss`` (decode + ``aux_weight`` x
+    are ``SegmentationTrainBatch``; evaluation batches are ``SegmentationEvalBatch`` (padded images
+    with each image's ``image_size`` and ``original_size``, see ``mambaout_pl.data.batches``), and
+    predictions are scored at the original label resolution. Logs ``train/loss`` (decode + ``aux_weight`` x
     auxiliary), ``val/loss``, ``val/mIoU``, ``val/mAcc``, ``val/aAcc`` and ``val/IoU/<class>``
     (mmsegmentation's dataset-level scores, see ``segmentation_metrics``), the same under
     ``test/``, and image | truth | prediction pictures to loggers that take images.
@@ -188,7 +189,7 @@ class SegmentationTask(BaseTask):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: SegmentationTrainBatch, batch_idx: int) -> torch.Tensor:
         images, masks = self.unpack_batch(batch, "image", "mask")
         logits, aux_logits = self.model.forward_heads(images)
         decode_loss = self._loss(logits, masks)
@@ -214,7 +215,7 @@ class SegmentationTask(BaseTask):
 
     # -- evaluation ---------------------------------------------------------------------------
 
-    def predict_log_probabilities(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+    def predict_log_probabilities(self, batch: SegmentationEvalBatch) -> list[torch.Tensor]:
         """Log-probabilities ``[K, H, W]`` of each image at its original size, by the configured inference."""
         hparams = self.hparams
         options = dict(
@@ -234,29 +235,28 @@ class SegmentationTask(BaseTask):
         if same_image_size and same_original_size:
             return list(segment(self.model, images, tuple(original_sizes[0].tolist()), **options))
         outputs = []
-        for image, (height, width), original_size in zip(images, image_sizes.tolist(), original_sizes.tolist()):
-            outputs.append(segment(self.model, image[None, :, :height, :width], tuple(original_size), **options)[0])
+        for index, original_size in enumerate(original_sizes.tolist()):
+            outputs.append(segment(self.model, unpadded_image(batch, index)[None], tuple(original_size), **options)[0])
         return outputs
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def validation_step(self, batch: SegmentationEvalBatch, batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_metrics)
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
+    def test_step(self, batch: SegmentationEvalBatch, batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_metrics)
 
-    def _evaluate(self, batch: dict[str, Any], stage: str, metrics: MetricCollection) -> None:
+    def _evaluate(self, batch: SegmentationEvalBatch, stage: str, metrics: MetricCollection) -> None:
         log_probabilities = self.predict_log_probabilities(batch)
-        masks = batch["mask"]
+        padded = "original_size" in batch  # a plain {"image", "mask"} batch is scored at the image size
         losses = []
         for index, scores in enumerate(log_probabilities):
-            mask = masks[index, : scores.shape[-2], : scores.shape[-1]]
+            mask = unpadded_mask(batch, index) if padded else batch["mask"][index]
             prediction = scores.argmax(dim=0)
             metrics.update(prediction[None], mask[None])
             if (mask != self.hparams.ignore_index).any():
                 losses.append(F.nll_loss(scores[None], mask[None], ignore_index=self.hparams.ignore_index))
             if stage == "val" and self._wants_pictures():
-                height, width = batch["image_size"][index].tolist()
-                image = batch["image"][index, :, :height, :width]
+                image = unpadded_image(batch, index) if padded else batch["image"][index]
                 self._pictures.append(overlay_panel(image, mask, prediction, ignore_index=self.hparams.ignore_index))
         if losses:
             self.log_eval_loss(stage, torch.stack(losses).mean(), batch_size=len(losses))
