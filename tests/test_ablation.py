@@ -43,6 +43,7 @@ def test_every_mixer_has_an_overlay_and_the_overlays_set_only_the_mixer() -> Non
         assert yaml.safe_load(overlay.read_text()) == {"model": {"init_args": {"backbone_args": MIXERS[overlay.stem][0]}}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("quickstart", "overlay"), RUNS, ids=[f"{q}+{o.stem}" for q, o in RUNS])
 def test_overlay_fits_on_its_quick_start(quickstart: str, overlay: Path, tmp_path: Path) -> None:
     main(

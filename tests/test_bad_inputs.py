@@ -206,6 +206,7 @@ def test_bad_input_stops_the_cli_with_a_clear_error_and_writes_nothing_over(
     assert sorted(root.rglob("*.ckpt")) == [root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"]
 
 
+@pytest.mark.slow
 def test_a_bad_input_exits_the_command_with_a_non_zero_status(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "mambaout_pl", "fit", f"--config={RECIPE}", f"--trainer.default_root_dir={tmp_path}",

@@ -23,6 +23,8 @@ RECIPES = sorted(
 ROOT = Path(__file__).parents[1]
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_every_recipe_fits_on_generated_images(recipe: Path, image_folder: Path, tmp_path: Path) -> None:
     main(["fit", f"--config={recipe}", *small_run_args(tmp_path, image_folder)])
@@ -41,6 +43,7 @@ def test_every_recipe_fits_on_generated_images(recipe: Path, image_folder: Path,
     assert checkpoint["global_step"] >= 1
 
 
+@pytest.mark.slow
 def test_quickstart_learns_the_embedded_digits_and_validates_its_checkpoint(tmp_path: Path) -> None:
     recipe = ROOT / "recipes" / "quickstart.yaml"
     quiet = ["--trainer.enable_progress_bar=false"]

@@ -14,7 +14,7 @@ from torchvision import tv_tensors
 
 from mambaout_pl.data.coco import CocoAnnotationWarning, decode_coco_example, load_coco_split
 from mambaout_pl.data.embedded_detection import materialize_digit_detection, write_digit_detection
-from mambaout_pl.data.sources import DataError, DataNotFoundError, InvalidLabelError
+from mambaout_pl.data.errors import DataError, DataNotFoundError, InvalidLabelError
 
 SIZES = {"a.png": (14, 12), "b.png": (20, 16), "c.png": (10, 10)}  # (width, height)
 

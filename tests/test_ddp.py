@@ -14,6 +14,8 @@ from lightning.pytorch import Trainer
 from mambaout_pl.data import ImageClassificationDataModule
 from mambaout_pl.tasks import ClassificationTask
 
+pytestmark = pytest.mark.slow
+
 SCRIPT = textwrap.dedent(
     """
     import json, sys

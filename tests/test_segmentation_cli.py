@@ -27,6 +27,7 @@ def test_there_are_segmentation_recipes():
     assert {recipe.stem for recipe in SEGMENTATION_RECIPES} >= {"ade20k_upernet_mambaout", "quickstart_segmentation"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", SEGMENTATION_RECIPES, ids=[r.stem for r in SEGMENTATION_RECIPES])
 def test_every_segmentation_recipe_fits_on_an_ade20k_layout_folder(recipe: Path, ade20k_folder: Path, tmp_path: Path) -> None:
     written = yaml.safe_load(recipe.read_text())
@@ -56,6 +57,7 @@ def test_every_segmentation_recipe_fits_on_an_ade20k_layout_folder(recipe: Path,
     assert [tag for tag in events.Tags()["images"] if tag.startswith("val/examples/")]  # the pictures
 
 
+@pytest.mark.slow
 def test_quickstart_segmentation_learns_and_validates_its_best_checkpoint(tmp_path: Path) -> None:
     recipe = ROOT / "recipes" / "quickstart_segmentation.yaml"
     quiet = ["--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"]

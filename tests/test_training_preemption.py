@@ -20,6 +20,8 @@ from helpers import small_run_args
 
 from mambaout_pl.cli import run_cli
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
 TINY_BACKBONE = '{"depths": [1, 1, 1, 1], "dims": [8, 8, 16, 16]}'

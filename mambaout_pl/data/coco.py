@@ -30,7 +30,8 @@ from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from mambaout_pl.data.sources import DataError, DataNotFoundError, InvalidLabelError, read_rgb_image
+from mambaout_pl.data.errors import DataError, DataNotFoundError, InvalidLabelError
+from mambaout_pl.data.images import read_rgb_image
 
 __all__ = [
     "COCO_FEATURES",
