@@ -103,3 +103,31 @@ def test_every_module_imports_first_on_its_own():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert int(result.stdout.split()[-1]) == len(module_names()) > 20
+
+
+def package_graph() -> dict[str, set[str]]:
+    modules = module_names()
+    return {name: imported_modules(name, path, set(modules)) for name, path in modules.items()}
+
+
+def test_no_import_cycle_in_the_package():
+    # A package's `__init__` re-exports its modules; an edge into it stands for the module it re-exports.
+    graph = package_graph()
+    packages = {name for name, path in module_names().items() if path.name == "__init__.py"}
+    modules_only = {name: {t for t in targets if t not in packages} for name, targets in graph.items() if name not in packages}
+    cycle = find_cycle(modules_only)
+    assert not cycle, f"import cycle: {' -> '.join(cycle)}"
+
+
+def test_layers_import_only_what_they_may():
+    """Models know nothing of Lightning, data or tasks; tasks meet data only through the batch contract."""
+    graph = package_graph()
+    for name, targets in graph.items():
+        if name.startswith("mambaout_pl.models"):
+            assert not {t for t in targets if t.startswith(("mambaout_pl.data", "mambaout_pl.tasks", "mambaout_pl.training", "mambaout_pl.cli"))}, name
+            source = module_names()[name].read_text()
+            assert "import lightning" not in source and "from lightning" not in source, name
+        if name.startswith("mambaout_pl.tasks"):
+            assert {t for t in targets if t.startswith("mambaout_pl.data")} <= {"mambaout_pl.data.batches"}, name
+        if name.startswith("mambaout_pl.data"):
+            assert not {t for t in targets if t.startswith(("mambaout_pl.tasks", "mambaout_pl.models", "mambaout_pl.cli"))}, name
