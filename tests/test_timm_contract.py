@@ -327,6 +327,17 @@ def test_fx_forward_and_backward(name):
     assert all(p.grad is not None for p in traced.parameters())
 
 
+@pytest.mark.parametrize('name', ['mambaout_femto', 'mambaout_base_wide_rw'])
+def test_fx_then_torchscript(name):
+    """timm's test_model_forward_fx_torchscript: a model built scriptable, traced, then scripted."""
+    with set_scriptable(True):
+        model = create_model(name, **SMALL).eval()
+    scripted = torch.jit.script(fx_model(model))
+    x = images(64)
+    with torch.inference_mode():
+        torch.testing.assert_close(next(iter(scripted(x).values())), model(x), atol=1e-5, rtol=1e-4)
+
+
 # Pretrained weights into other input channels (test_model_load_pretrained with in_chans != 3).
 
 @pytest.fixture(scope='module')
