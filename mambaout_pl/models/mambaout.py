@@ -356,7 +356,8 @@ class MambaOut(nn.Module):
         expansion_ratio: Hidden width of a block relative to its input width.
         kernel_size: Size of the depthwise conv of each block.
         stem_mid_norm: Normalise between the two stem convs.
-        ls_init_value: Initial layer-scale value; None disables layer scale.
+        ls_init_value: Initial layer-scale value (timm's block starts at 1e-5 whatever the value);
+            None disables layer scale.
         downsample: 'conv' (conv then norm) or 'conv_nf' (norm then conv) between stages.
         drop_path_rate: Stochastic depth rate of the last block, rising linearly from 0 over all blocks.
         drop_rate: Dropout before the final classifier.
@@ -370,7 +371,7 @@ class MambaOut(nn.Module):
             `(dim) -> nn.Module`. See `mixers/`.
         mixer_args: Arguments of the named mixers, e.g. {'scan': 'cross'} or {'causal': True}.
         fused_blocks: Run the depthwise-conv blocks' mixing as one fused function (the default; same
-            outputs, faster); False runs the plain module code.
+            outputs, faster); False runs the plain module code, as TorchScript does.
         **kwargs: Mixer arguments by name, as in `mixer_args`:
             scan: 'ssm' token order: 'raster' (the default; causal, as Mamba), 'bidirectional' (as
                 Vision Mamba) or 'cross' (four directions, as VMamba).
