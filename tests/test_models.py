@@ -448,6 +448,30 @@ def test_register_user_models(isolated_registry):
     assert isinstance(create_model('my_backbone'), nn.Identity)
 
 
+def test_pretrained_tags_reach_functions_taking_pretrained_cfg(isolated_registry, tmp_path):
+    calls = []
+
+    @register_model
+    def tagged_net(pretrained_cfg=None, width: int = 2) -> nn.Module:
+        calls.append(('tagged', pretrained_cfg))
+        return nn.Linear(width, 1)
+
+    @register_model
+    def timm_style_net(pretrained: bool = False, **kwargs) -> nn.Module:
+        calls.append(('timm_style', pretrained))
+        return nn.Linear(2, 1)
+
+    create_model('tagged_net.my_tag', width=3)
+    create_model('tagged_net')
+    create_model('tagged_net.my_tag', pretrained_cfg='other_tag')
+    torch.manual_seed(0)
+    weights = nn.Linear(2, 1)
+    torch.save(weights.state_dict(), tmp_path / 'net.pth')
+    loaded = create_model('timm_style_net.any_tag', pretrained=str(tmp_path / 'net.pth'))
+    assert calls == [('tagged', 'my_tag'), ('tagged', None), ('tagged', 'other_tag'), ('timm_style', False)]
+    torch.testing.assert_close(loaded.weight, weights.weight, atol=0, rtol=0)
+
+
 def test_create_model_rejects_boolean_pretrained():
     with pytest.raises(ValueError, match='path'):
         create_model('mambaout_femto', pretrained=True)

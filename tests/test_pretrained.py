@@ -221,3 +221,23 @@ def test_rejects_unreadable_files(tmp_path):
         with pytest.raises(CheckpointError, match=name) as excinfo:
             load_pretrained(fresh_femto(), path)
         assert not isinstance(excinfo.value, UnsafeCheckpointError)
+
+
+def test_official_checkpoint_into_grayscale_model(tmp_path, reference, images):
+    """The stem of RGB weights is summed for `in_chans=1`: a gray image gives the RGB model's logits."""
+    path = tmp_path / 'mambaout_femto_official.pth'
+    torch.save({'model': to_official_names(reference.state_dict())}, path)
+    model = load_pretrained(fresh_femto(in_chans=1), path)
+    gray = images[:, :1]
+    with torch.no_grad():
+        torch.testing.assert_close(model(gray), reference(gray.expand(-1, 3, -1, -1)), atol=1e-4, rtol=0)
+
+
+def test_generic_timm_model_in_chans(tmp_path):
+    torch.manual_seed(0)
+    source = timm.create_model('resnet18', pretrained=False)
+    path = tmp_path / 'resnet18.pth'
+    torch.save(source.state_dict(), path)
+    model = create_model('resnet18', in_chans=4, pretrained=str(path))
+    expected = timm.models.adapt_input_conv(4, source.conv1.weight.detach())
+    torch.testing.assert_close(model.conv1.weight, expected, atol=0, rtol=0)

@@ -15,10 +15,11 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_function
 from timm.layers.activations import GELU as TimmGELU
 from torch import nn
 
-__all__ = ['fused_gated_conv', 'supports_fused_activation']
+__all__ = ['fused_gated_conv', 'fused_gated_conv_weights', 'supports_fused_activation']
 
 # (forward, backward computing d act(x) / dx * grad in place in `grad`)
 _ACTIVATIONS = {
@@ -133,6 +134,32 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
+@register_notrace_function  # a leaf of torch.fx graphs: traced models call the same function
+def fused_gated_conv_weights(
+        x: torch.Tensor,
+        fc1_weight: torch.Tensor,
+        fc1_bias: torch.Tensor,
+        conv_weight: torch.Tensor,
+        conv_bias: Optional[torch.Tensor],
+        fc2_weight: torch.Tensor,
+        fc2_bias: torch.Tensor,
+        gate_chs: int,
+        padding: int,
+        activation: str,
+) -> torch.Tensor:
+    """`fused_gated_conv` on the layers' tensors: fc1, depthwise conv and fc2 weights and biases."""
+    weights = (fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias)
+    conv_chs = conv_weight.shape[0]
+    device_type = x.device.type
+    if _autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x = x.to(dtype)
+        weights = tuple(None if w is None else w.to(dtype) for w in weights)
+        with torch.autocast(device_type, enabled=False):
+            return _FusedGatedConv.apply(x, *weights, gate_chs, conv_chs, padding, activation)
+    return _FusedGatedConv.apply(x, *weights, gate_chs, conv_chs, padding, activation)
+
+
 def fused_gated_conv(
         x: torch.Tensor,
         fc1: nn.Linear,
@@ -147,12 +174,5 @@ def fused_gated_conv(
     Under autocast the inputs and parameters are cast to the autocast dtype first, as `nn.Linear`
     and `nn.Conv2d` would cast them.
     """
-    weights = (fc1.weight, fc1.bias, conv.weight, conv.bias, fc2.weight, fc2.bias)
-    device_type = x.device.type
-    if _autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x = x.to(dtype)
-        weights = tuple(None if w is None else w.to(dtype) for w in weights)
-        with torch.autocast(device_type, enabled=False):
-            return _FusedGatedConv.apply(x, *weights, gate_chs, conv.out_channels, conv.padding[0], activation)
-    return _FusedGatedConv.apply(x, *weights, gate_chs, conv.out_channels, conv.padding[0], activation)
+    return fused_gated_conv_weights(
+        x, fc1.weight, fc1.bias, conv.weight, conv.bias, fc2.weight, fc2.bias, gate_chs, conv.padding[0], activation)

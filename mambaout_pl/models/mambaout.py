@@ -7,19 +7,23 @@ Module names, and so state-dict keys, follow timm's `mambaout.py`: a state dict 
 models loads into these unchanged, and the reverse. Inside the network tensors are channels-last
 `[B, H, W, C]`; images come in and intermediate features go out as `[B, C, H, W]`.
 """
+import os
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
+import timm
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm, LayerScale, get_act_layer, trunc_normal_
+from timm.layers import DropPath, LayerNorm, LayerScale, get_act_layer, is_exportable, is_scriptable, trunc_normal_
+from timm.models import build_model_with_cfg
 
-from .fused_gated_conv import fused_gated_conv, supports_fused_activation
+from .fused_gated_conv import fused_gated_conv_weights, supports_fused_activation
 from .mixers import TOKEN_MIXERS, DepthwiseConvMixer, MixerLayer, mixer_arguments, mixer_layer, stage_mixers
 from .registry import register_model
+from .weights import load_pretrained
 
 __all__ = [
     'MambaOut',
@@ -83,7 +87,9 @@ class Stem(nn.Module):
 class Downsample(nn.Module):
     """Stride-2 3x3 conv between stages, NHWC in and out.
 
-    The paper's models normalise after the conv; `norm_first=True` normalises the input instead.
+    The paper's models normalise after the conv; `norm_first=True` normalises the input instead
+    (timm's `DownsampleNormFirst`). The layers are registered in the order they run, so the
+    parameter order, and an optimizer state saved from timm's model, is timm's.
     """
 
     def __init__(
@@ -95,8 +101,11 @@ class Downsample(nn.Module):
     ):
         super().__init__()
         self.norm_first = norm_first
+        if norm_first:
+            self.norm = norm_layer(in_chs)
         self.conv = nn.Conv2d(in_chs, out_chs, kernel_size=3, stride=2, padding=1)
-        self.norm = norm_layer(in_chs if norm_first else out_chs)
+        if not norm_first:
+            self.norm = norm_layer(out_chs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_first:
@@ -118,6 +127,10 @@ class GatedCNNBlock(nn.Module):
     depthwise conv by default, or an SSM (which makes this a Mamba block) or attention. A mixer
     name or `MixerSpec` that leaves `kernel_size` unset takes the block's. The attribute keeps
     timm's name, so the default block's state dict is timm's.
+
+    `fused=True` runs the depthwise-conv mixing as one autograd function (`fused_gated_conv`);
+    TorchScript and models built under timm's `set_scriptable(True)` or `set_exportable(True)`
+    run the plain module code, which computes the same function.
     """
 
     def __init__(
@@ -150,13 +163,21 @@ class GatedCNNBlock(nn.Module):
         self.ls = LayerScale(dim, init_values=ls_init_value) if ls_init_value is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.fused_activation = None
-        if fused and type(self.conv) is DepthwiseConvMixer and not self.conv.causal:
+        fusable = fused and not is_scriptable() and not is_exportable()
+        if fusable and type(self.conv) is DepthwiseConvMixer and not self.conv.causal:
             self.fused_activation = supports_fused_activation(self.act)
+
+    @torch.jit.unused
+    def _fused_mix(self, x: torch.Tensor, activation: str) -> torch.Tensor:
+        return fused_gated_conv_weights(
+            x, self.fc1.weight, self.fc1.bias, self.conv.weight, self.conv.bias, self.fc2.weight, self.fc2.bias,
+            self.split_sizes[0], self.conv.padding[0], activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        if self.fused_activation is not None:
-            x = fused_gated_conv(self.norm(x), self.fc1, self.conv, self.fc2, self.split_sizes[0], self.fused_activation)
+        activation = self.fused_activation
+        if activation is not None and not torch.jit.is_scripting():
+            x = self._fused_mix(self.norm(x), activation)
         else:
             g, i, c = torch.split(self.fc1(self.norm(x)), self.split_sizes, dim=-1)
             c = self.conv(c)
@@ -219,7 +240,7 @@ class MambaOutStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled() and not torch.jit.is_scripting():
             for block in self.blocks:
                 x = checkpoint(block, x, use_reentrant=False)
         else:
@@ -259,7 +280,7 @@ class MlpHead(nn.Module):
             self.pre_logits = nn.Identity()
             self.num_features = in_features
         self.head_dropout = nn.Dropout(drop_rate)
-        self.fc = self._classifier(num_classes)
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     @staticmethod
     def _check_pool_type(pool_type: str) -> str:
@@ -275,12 +296,33 @@ class MlpHead(nn.Module):
         nn.init.zeros_(fc.bias)
         return fc
 
-    def reset(self, num_classes: int, pool_type: Optional[str] = None) -> None:
-        """Replace the final classifier (freshly initialised) and optionally the pooling."""
+    def reset(
+            self,
+            num_classes: int,
+            pool_type: Optional[str] = None,
+            reset_other: bool = False,
+            in_features: Optional[int] = None,
+    ) -> None:
+        """Replace the final classifier (freshly initialised) and optionally the pooling.
+
+        `reset_other=True` also removes the norm and the hidden layer (timm's `reset_other`), so the
+        head pools and classifies its input directly; only then may `in_features` change.
+        """
+        reference = next(self.parameters(), None)
         if pool_type is not None:
             self.pool_type = self._check_pool_type(pool_type)
+        if reset_other:
+            self.norm = nn.Identity().train(self.training)
+            self.pre_logits = nn.Identity().train(self.training)
+            self.num_features = self.in_features
+        if in_features is not None and in_features != self.in_features:
+            if not isinstance(self.norm, nn.Identity):
+                raise ValueError(f'The head input width can change ({self.in_features} -> {in_features}) only with '
+                                 'reset_other=True, which removes the norm sized for it.')
+            self.in_features = in_features
+            if isinstance(self.pre_logits, nn.Identity):
+                self.num_features = in_features
         fc = self._classifier(num_classes)
-        reference = next(self.parameters(), None)
         if reference is not None:
             fc = fc.to(device=reference.device, dtype=reference.dtype)
         self.fc = fc.train(self.training)
@@ -314,7 +356,8 @@ class MambaOut(nn.Module):
         expansion_ratio: Hidden width of a block relative to its input width.
         kernel_size: Size of the depthwise conv of each block.
         stem_mid_norm: Normalise between the two stem convs.
-        ls_init_value: Initial layer-scale value; None disables layer scale.
+        ls_init_value: Initial layer-scale value (timm's block starts at 1e-5 whatever the value);
+            None disables layer scale.
         downsample: 'conv' (conv then norm) or 'conv_nf' (norm then conv) between stages.
         drop_path_rate: Stochastic depth rate of the last block, rising linearly from 0 over all blocks.
         drop_rate: Dropout before the final classifier.
@@ -328,7 +371,7 @@ class MambaOut(nn.Module):
             `(dim) -> nn.Module`. See `mixers/`.
         mixer_args: Arguments of the named mixers, e.g. {'scan': 'cross'} or {'causal': True}.
         fused_blocks: Run the depthwise-conv blocks' mixing as one fused function (the default; same
-            outputs, faster); False runs the plain module code.
+            outputs, faster); False runs the plain module code, as TorchScript does.
         **kwargs: Mixer arguments by name, as in `mixer_args`:
             scan: 'ssm' token order: 'raster' (the default; causal, as Mamba), 'bidirectional' (as
                 Vision Mamba) or 'cross' (four directions, as VMamba).
@@ -384,7 +427,7 @@ class MambaOut(nn.Module):
 
         drop_path_rates = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').split(depths)
         self.stages = nn.Sequential()
-        self.feature_info: List[Dict[str, Any]] = []
+        self.feature_info = []
         prev_dim, reduction = dims[0], 4
         for i, (depth, dim) in enumerate(zip(depths, dims)):
             if i > 0:
@@ -453,10 +496,15 @@ class MambaOut(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the final classifier with a freshly initialised one of `num_classes` outputs."""
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
+        """Replace the final classifier with a freshly initialised one of `num_classes` outputs.
+
+        `reset_other=True` also drops the head's norm and hidden layer (as timm's), leaving pooling
+        and the classifier on the final-stage features.
+        """
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        self.head.reset(num_classes, global_pool, reset_other=reset_other, in_features=self.num_features)
+        self.head_hidden_size = self.head.num_features
 
     def forward_intermediates(
             self,
@@ -516,18 +564,18 @@ class MambaOut(nn.Module):
     ) -> List[int]:
         """Drop the stages after the last of `indices`, and the head; returns the kept stage indices.
 
-        The head is kept (unless `prune_head`) only when all stages are kept. `prune_norm` is
-        accepted for timm compatibility.
+        The head is reduced to a pass-through (unless `prune_head=False` and all stages are kept);
+        `feature_info` keeps describing all stages, as timm's. `prune_norm` is accepted for timm
+        compatibility (MambaOut has no norm on its stage outputs).
         """
         take_indices = self._stage_indices(indices)
         num_kept = max(take_indices) + 1
         prune_end = num_kept < len(self.stages)
         self.stages = self.stages[:num_kept]
-        self.feature_info = self.feature_info[:num_kept]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[num_kept - 1]['num_chs']
         if prune_head or prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[-1]['num_chs']
-            self.num_classes = 0
-            self.head = MlpHead(self.num_features, 0, hidden_size=None, pool_type='', norm_layer=nn.Identity)
+            self.reset_classifier(0, '', reset_other=True)
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -555,90 +603,170 @@ def _mixer_kwargs(mixer_args: Optional[Dict[str, Any]], kwargs: Dict[str, Any]) 
     return {**(mixer_args or {}), **kwargs}
 
 
-def _create_mambaout(variant: str, cfg: Dict[str, Any], **kwargs: Any) -> MambaOut:
-    model = MambaOut(**kwargs)
-    model.pretrained_cfg = model.default_cfg = dict(cfg, architecture=variant)
-    return model
+PretrainedArg = Optional[Union[str, os.PathLike]]
+PretrainedCfgArg = Optional[Union[str, Dict[str, Any]]]
+
+
+def _create_mambaout(
+        variant: str,
+        pretrained: Union[PretrainedArg, bool] = None,
+        pretrained_cfg: PretrainedCfgArg = None,
+        **kwargs: Any,
+) -> nn.Module:
+    """Build a variant with timm's model builder: its pretrained cfg, defaults and feature wrappers.
+
+    `pretrained_cfg` is a pretrained tag of timm's table (`'sw_e150_in12k'`) or a cfg dict; the
+    tag's cfg gives the defaults (`num_classes`, `in_chans`) and `model.pretrained_cfg`.
+    `pretrained` is a weights file, export folder or `hf-hub:` repo loaded (see `load_pretrained`)
+    before a `features_only=True` model is wrapped, as timm loads its weights.
+    """
+    if isinstance(pretrained_cfg, str):
+        tags = [name.split('.', 1)[1] for name in timm.list_pretrained(f'{variant}.*')]
+        if pretrained_cfg not in tags:
+            raise ValueError(
+                f"Unknown pretrained tag '{pretrained_cfg}' for {variant}; its tags are {', '.join(tags)} "
+                f"(name a model as '{variant}.<tag>').")
+    if pretrained is True or not isinstance(pretrained, (str, os.PathLike, type(None), bool)):
+        raise ValueError(
+            f'pretrained must be the path of a checkpoint file or export folder, `hf-hub:user/repo` or None, '
+            f'got {pretrained!r}.')
+
+    def build(**model_args: Any) -> MambaOut:
+        model = MambaOut(**model_args)
+        if pretrained:
+            load_pretrained(model, pretrained)
+        return model
+
+    return build_model_with_cfg(
+        build,
+        variant,
+        pretrained=False,
+        pretrained_cfg=pretrained_cfg,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        **kwargs,
+    )
 
 
 # The paper's models.
 
 @register_model
-def mambaout_femto(**kwargs: Any) -> MambaOut:
+def mambaout_femto(
+        pretrained: PretrainedArg = None,
+        pretrained_cfg: PretrainedCfgArg = None,
+        **kwargs: Any,
+) -> nn.Module:
     """MambaOut-Femto, 7.3M params."""
     args = dict(depths=(3, 3, 9, 3), dims=(48, 96, 192, 288))
-    return _create_mambaout('mambaout_femto', _cfg(), **dict(args, **kwargs))
+    return _create_mambaout('mambaout_femto', pretrained, pretrained_cfg, **dict(args, **kwargs))
 
 
 @register_model
-def mambaout_kobe(**kwargs: Any) -> MambaOut:
+def mambaout_kobe(
+        pretrained: PretrainedArg = None,
+        pretrained_cfg: PretrainedCfgArg = None,
+        **kwargs: Any,
+) -> nn.Module:
     """MambaOut-Kobe (24 blocks, in memory of Kobe Bryant), 9.1M params."""
     args = dict(depths=(3, 3, 15, 3), dims=(48, 96, 192, 288))
-    return _create_mambaout('mambaout_kobe', _cfg(), **dict(args, **kwargs))
+    return _create_mambaout('mambaout_kobe', pretrained, pretrained_cfg, **dict(args, **kwargs))
 
 
 @register_model
-def mambaout_tiny(**kwargs: Any) -> MambaOut:
+def mambaout_tiny(
+        pretrained: PretrainedArg = None,
+        pretrained_cfg: PretrainedCfgArg = None,
+        **kwargs: Any,
+) -> nn.Module:
     """MambaOut-Tiny, 26.5M params."""
     args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 576))
-    return _create_mambaout('mambaout_tiny', _cfg(), **dict(args, **kwargs))
+    return _create_mambaout('mambaout_tiny', pretrained, pretrained_cfg, **dict(args, **kwargs))
 
 
 @register_model
-def mambaout_small(**kwargs: Any) -> MambaOut:
+def mambaout_small(
+        pretrained: PretrainedArg = None,
+        pretrained_cfg: PretrainedCfgArg = None,
+        **kwargs: Any,
+) -> nn.Module:
     """MambaOut-Small, 48.5M params."""
     args = dict(depths=(3, 4, 27, 3), dims=(96, 192, 384, 576))
-    return _create_mambaout('mambaout_small', _cfg(), **dict(args, **kwargs))
+    return _create_mambaout('mambaout_small', pretrained, pretrained_cfg, **dict(args, **kwargs))
 
 
 @register_model
-def mambaout_base(**kwargs: Any) -> MambaOut:
+def mambaout_base(
+        pretrained: PretrainedArg = None,
+        pretrained_cfg: PretrainedCfgArg = None,
+        **kwargs: Any,
+) -> nn.Module:
     """MambaOut-Base, 84.8M params."""
     args = dict(depths=(3, 4, 27, 3), dims=(128, 256, 512, 768))
-    return _create_mambaout('mambaout_base', _cfg(), **dict(args, **kwargs))
+    return _create_mambaout('mambaout_base', pretrained, pretrained_cfg, **dict(args, **kwargs))
 
 
 # timm's variants: layer scale, norm-first downsampling, no stem mid-norm, 'norm_mlp' head.
 
-_RW_ARGS = dict(stem_mid_norm=False, downsample='conv_nf', ls_init_value=1e-6, head_fn='norm_mlp')
+# timm declares ls_init_value=1e-6 for these, but its block builds `LayerScale(dim)`, which starts at
+# LayerScale's default 1e-5; 1e-5 here gives the same initial model as timm's.
+_RW_ARGS = dict(stem_mid_norm=False, downsample='conv_nf', ls_init_value=1e-5, head_fn='norm_mlp')
 
 
 @register_model
-def mambaout_small_rw(**kwargs: Any) -> MambaOut:
+def mambaout_small_rw(
+        pretrained: PretrainedArg = None,
+        pretrained_cfg: PretrainedCfgArg = None,
+        **kwargs: Any,
+) -> nn.Module:
     """MambaOut-Small, timm's training variant."""
     args = dict(depths=(3, 4, 27, 3), dims=(96, 192, 384, 576), **_RW_ARGS)
-    return _create_mambaout('mambaout_small_rw', _cfg(), **dict(args, **kwargs))
+    return _create_mambaout('mambaout_small_rw', pretrained, pretrained_cfg, **dict(args, **kwargs))
 
 
 @register_model
-def mambaout_base_short_rw(**kwargs: Any) -> MambaOut:
+def mambaout_base_short_rw(
+        pretrained: PretrainedArg = None,
+        pretrained_cfg: PretrainedCfgArg = None,
+        **kwargs: Any,
+) -> nn.Module:
     """MambaOut-Base with fewer, wider blocks (timm)."""
     args = dict(
         depths=(3, 3, 25, 3), dims=(128, 256, 512, 768), expansion_ratio=3.0, conv_ratio=1.25, **_RW_ARGS)
-    return _create_mambaout('mambaout_base_short_rw', _cfg(crop_pct=0.95, test_crop_pct=1.0), **dict(args, **kwargs))
+    return _create_mambaout('mambaout_base_short_rw', pretrained, pretrained_cfg, **dict(args, **kwargs))
 
 
 @register_model
-def mambaout_base_tall_rw(**kwargs: Any) -> MambaOut:
+def mambaout_base_tall_rw(
+        pretrained: PretrainedArg = None,
+        pretrained_cfg: PretrainedCfgArg = None,
+        **kwargs: Any,
+) -> nn.Module:
     """MambaOut-Base with more, narrower blocks (timm)."""
     args = dict(
         depths=(3, 4, 30, 3), dims=(128, 256, 512, 768), expansion_ratio=2.5, conv_ratio=1.25, **_RW_ARGS)
-    return _create_mambaout('mambaout_base_tall_rw', _cfg(crop_pct=0.95, test_crop_pct=1.0), **dict(args, **kwargs))
+    return _create_mambaout('mambaout_base_tall_rw', pretrained, pretrained_cfg, **dict(args, **kwargs))
 
 
 @register_model
-def mambaout_base_wide_rw(**kwargs: Any) -> MambaOut:
+def mambaout_base_wide_rw(
+        pretrained: PretrainedArg = None,
+        pretrained_cfg: PretrainedCfgArg = None,
+        **kwargs: Any,
+) -> nn.Module:
     """MambaOut-Base with wider blocks and SiLU (timm)."""
     args = dict(
         depths=(3, 4, 27, 3), dims=(128, 256, 512, 768), expansion_ratio=3.0, conv_ratio=1.5,
         act_layer='silu', **_RW_ARGS)
-    return _create_mambaout('mambaout_base_wide_rw', _cfg(crop_pct=0.95, test_crop_pct=1.0), **dict(args, **kwargs))
+    return _create_mambaout('mambaout_base_wide_rw', pretrained, pretrained_cfg, **dict(args, **kwargs))
 
 
 @register_model
-def mambaout_base_plus_rw(**kwargs: Any) -> MambaOut:
+def mambaout_base_plus_rw(
+        pretrained: PretrainedArg = None,
+        pretrained_cfg: PretrainedCfgArg = None,
+        **kwargs: Any,
+) -> nn.Module:
     """MambaOut-Base with more, wider blocks and SiLU (timm)."""
     args = dict(
         depths=(3, 4, 30, 3), dims=(128, 256, 512, 768), expansion_ratio=3.0, conv_ratio=1.5,
         act_layer='silu', **_RW_ARGS)
-    return _create_mambaout('mambaout_base_plus_rw', _cfg(), **dict(args, **kwargs))
+    return _create_mambaout('mambaout_base_plus_rw', pretrained, pretrained_cfg, **dict(args, **kwargs))

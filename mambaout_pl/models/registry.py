@@ -11,6 +11,7 @@ import difflib
 import fnmatch
 import functools
 import importlib
+import inspect
 import json
 import os
 import warnings
@@ -145,18 +146,24 @@ def resolve_trusted_class(path: str, base: Optional[type] = None, source: Option
 def resolve_model(name: str) -> ResolvedModel:
     """What `create_model(name)` builds; the one look-up of model names.
 
-    In the user's own code: a registered model (a timm-style tag such as `.in1k` is ignored), then
+    In the user's own code: a registered model, then
     an importable class or function by dotted path, then a timm model (prefixed names such as
     `hf-hub:...` included). Inside `untrusted_source(...)`: a registered model, a timm model
     (`timm.is_model`), then only the import paths `resolve_trusted_class` accepts (and registered
     model functions); nothing else is imported.
+
+    A timm-style pretrained tag (`mambaout_base_plus_rw.sw_e150_in12k`) is passed to a registered
+    model function that takes `pretrained_cfg` (ours do, as timm's) and ignored by others.
     """
     if not isinstance(name, str) or not name:
         raise UnknownModelError(f"A model name must be a non-empty string, got {name!r}.")
     base_name = name.split(".", 1)[0]
     for registered in (name, base_name):
         if registered in _MODELS:
-            return ResolvedModel("registered", _MODELS[registered])
+            factory = _MODELS[registered]
+            if registered != name and _takes_argument(factory, "pretrained_cfg"):
+                factory = functools.partial(factory, pretrained_cfg=name.split(".", 1)[1])
+            return ResolvedModel("registered", factory)
     source = _UNTRUSTED_SOURCE.get()
     if source is not None:
         return _resolve_untrusted(name, base_name, source)
@@ -178,7 +185,8 @@ def create_model(
     file, an export folder, or a Hub repo `hf-hub:user/repo[@revision]` (see `load_pretrained`).
 
     Registered models and class paths are called with `kwargs`; timm models are built by
-    `timm.create_model(name, pretrained=False, **kwargs)`.
+    `timm.create_model(name, pretrained=False, **kwargs)`. Our MambaOut variants load the weights
+    themselves, before wrapping a `features_only=True` model; other models load them once built.
     """
     if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
         if pretrained is False:
@@ -188,7 +196,10 @@ def create_model(
                 f"pretrained must be the path of a checkpoint file or export folder, `hf-hub:user/repo` or None, "
                 f"got {pretrained!r}."
             )
-    model = resolve_model(name).factory(**kwargs)
+    resolved = resolve_model(name)
+    if pretrained is not None and resolved.kind == "registered" and _loads_own_weights(resolved.factory):
+        return resolved.factory(pretrained=pretrained, **kwargs)
+    model = resolved.factory(**kwargs)
     if pretrained is not None:
         load_pretrained(model, pretrained)
     return model
@@ -236,6 +247,22 @@ def _resolve_untrusted(name: str, base_name: str, source: str) -> ResolvedModel:
     if factory is not None and any(factory is registered for registered in _MODELS.values()):
         return ResolvedModel("import_path", factory)
     return ResolvedModel("import_path", resolve_trusted_class(name, base=nn.Module, source=source))
+
+
+def _takes_argument(factory: Callable[..., nn.Module], name: str) -> bool:
+    """Whether `factory` declares a parameter `name` (a `**kwargs` catch-all does not count)."""
+    try:
+        parameter = inspect.signature(factory).parameters.get(name)
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+
+
+def _loads_own_weights(factory: Callable[..., nn.Module]) -> bool:
+    """Whether `factory` is one of our model functions taking a weights path as `pretrained`."""
+    function = factory.func if isinstance(factory, functools.partial) else factory
+    own = getattr(function, "__module__", "").startswith(_OWN_PACKAGE + ".")
+    return own and _takes_argument(factory, "pretrained")
 
 
 def _may_import(path: str) -> bool:

@@ -92,7 +92,10 @@ def load_pretrained(model: nn.Module, path: PathLike, strict: bool = True) -> nn
     Accepts timm state dicts (`.pth`, `.bin`, `.safetensors`) and the official MambaOut release
     (renamed with `convert_official_state_dict`), bare or inside a training checkpoint. When the
     file's classifier has a different number of classes than the model's, the file's classifier
-    is skipped (with a warning) and the model keeps its freshly initialised one.
+    is skipped (with a warning) and the model keeps its freshly initialised one. When the model
+    takes another number of input channels than the file's first conv (`pretrained_cfg['first_conv']`,
+    e.g. `in_chans=1` for grayscale or 4 for RGB-NIR), its weights are adapted as timm's
+    `adapt_input_conv` does: summed over the channels for one, else repeated and scaled.
 
     Args:
         model: The model to fill.
@@ -105,6 +108,7 @@ def load_pretrained(model: nn.Module, path: PathLike, strict: bool = True) -> nn
     model_state = model.state_dict()
 
     state_dict = _match_key_names(state_dict, model_state)
+    state_dict = _adapt_input_convs(model, state_dict, model_state, path)
 
     classifier_keys = _classifier_keys(model, state_dict, model_state)
     file_classifier_keys = [k for k in classifier_keys if k in state_dict]
@@ -236,6 +240,31 @@ def _match_key_names(
         if not stripped.keys() & model_state.keys():
             return state_dict
         state_dict = stripped
+
+
+def _adapt_input_convs(
+        model: nn.Module,
+        state_dict: Dict[str, torch.Tensor],
+        model_state: Mapping,
+        path: Path,
+) -> Dict[str, torch.Tensor]:
+    """The state dict with its first conv weights adapted to the model's input channels."""
+    from timm.models import adapt_input_conv
+
+    first_conv = (getattr(model, 'pretrained_cfg', None) or {}).get('first_conv') or ()
+    adapted = dict(state_dict)
+    for name in (first_conv,) if isinstance(first_conv, str) else first_conv:
+        key = f'{name}.weight'
+        if key not in state_dict or key not in model_state:
+            continue
+        weight, target = state_dict[key], model_state[key]
+        if weight.ndim != 4 or target.ndim != 4 or weight.shape[1] == target.shape[1]:
+            continue
+        if weight.shape[0] != target.shape[0] or weight.shape[2:] != target.shape[2:]:
+            continue
+        adapted[key] = adapt_input_conv(target.shape[1], weight, base_chans=weight.shape[1])
+        _logger.info("Adapted '%s' of '%s' from %d to %d input channels.", key, path, weight.shape[1], target.shape[1])
+    return adapted
 
 
 def _classifier_keys(model: nn.Module, state_dict: Mapping, model_state: Mapping) -> List[str]:

@@ -31,7 +31,7 @@ class DepthwiseConvMixer(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)
         if self.causal_mask is None:
-            x = super().forward(x)
+            x = self._conv_forward(x, self.weight, self.bias)
         else:
             x = F.conv2d(x, self.weight * self.causal_mask, self.bias, padding=self.padding, groups=self.groups)
         return x.permute(0, 2, 3, 1)
