@@ -21,6 +21,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from mambaout_pl.errors import OutputPathError
+from mambaout_pl import __version__
 from mambaout_pl.tasks import BaseTask
 from mambaout_pl.training.checkpoint_io import AtomicCheckpointIO, ModelCheckpoint, find_last_checkpoint, read_checkpoint
 from mambaout_pl.training.preemption import PreemptionCheckpoint
@@ -180,11 +181,48 @@ TOOL_COMMANDS: dict[str, str] = {
     "analyze": "mambaout_pl.analysis:analyze_main",
     "profile": "mambaout_pl.analysis:profile_main",
 }
+#: One line each for ``mambaout --help``.
+TOOL_COMMAND_HELP: dict[str, str] = {
+    "export": "Write a checkpoint's network as a Hub folder (timm format for classifiers) or for deployment.",
+    "push": "Export a checkpoint and upload it to the Hugging Face Hub.",
+    "analyze": "Tokens against 6 x channels per stage: the paper's long-sequence criterion.",
+    "profile": "Parameters, GMACs and images per second of a model.",
+}
+
+
+def version_text() -> str:
+    """``mambaout-pl X (torch Y, lightning Z, timm W)``."""
+    import lightning
+    import timm
+    import torch
+
+    return f"mambaout-pl {__version__} (torch {torch.__version__}, lightning {lightning.__version__}, timm {timm.__version__})"
+
+
+def print_help() -> int:
+    """Lightning's help (fit, validate, test, predict), then the commands mambaout-pl adds."""
+    try:
+        run_cli(["--help"])
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            raise
+    print("\nmore subcommands (each with its own --help):")
+    for name, text in TOOL_COMMAND_HELP.items():
+        print(f"  {name:<10}{text}")
+    return 0
 
 
 def main(args: list[str] | None = None) -> int | None:
     """Entry point of ``mambaout``, ``lightning`` and ``python -m mambaout_pl``."""
     argv = sys.argv[1:] if args is None else list(args)
+    if argv in (["--version"], ["-V"]):
+        print(version_text())
+        return 0
+    if argv in (["--help"], ["-h"]):
+        return print_help()
+    if not argv:
+        print_help()
+        return 2  # a subcommand is required
     if argv and argv[0] in TOOL_COMMANDS:
         module_name, function_name = TOOL_COMMANDS[argv[0]].split(":")
         return getattr(importlib.import_module(module_name), function_name)(argv[1:])
