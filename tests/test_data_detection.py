@@ -160,6 +160,8 @@ def test_coco_folder_trains_on_annotated_images_and_evaluates_every_image(tmp_pa
         assert torch.equal((image * 255).round().byte(), expected_pixels)  # original size, not resized
         check_target(target, OBJECTS["val2017"][target["image_id"]], training=False)
     assert val["targets"][1]["boxes"].shape == (0, 4) and val["targets"][1]["masks"].shape == (0, HEIGHT, WIDTH)
+    assert dm.annotation_file("val") == root / "annotations" / "instances_val2017.json"
+    assert dm.annotation_file("test") is None  # no test split set
 
 
 def test_training_resizes_and_flips_boxes_and_masks_with_the_image(tmp_path):
@@ -263,6 +265,28 @@ def test_parquet_with_hub_style_objects(tmp_path, box_format):
         masks = [polygon_mask(box) for _, _, box in expected]
         assert np.array_equal(target["masks"].numpy(), np.array(masks).reshape(-1, HEIGHT, WIDTH))
     assert val["targets"][0]["masks"].sum() > 0
+
+
+def test_streamed_parquet_trains_on_annotated_images_and_evaluates_every_image(tmp_path):
+    files = write_parquet(tmp_path / "parquet")
+    dm = make_module(
+        tmp_path,
+        path="parquet",
+        data_files=files,
+        box_format="xyxy",
+        streaming=True,
+        train_split="train",
+        val_split="validation",
+        drop_last=False,
+    )
+    assert dm.label_names == ["dog", "cat"]
+    dm.setup("fit")
+    train = [target for batch in dm.train_dataloader() for target in batch["targets"]]
+    assert sorted(target["image_id"] for target in train) == [11, 14]
+    for target in train:
+        check_target(target, OBJECTS["train2017"][target["image_id"]], training=True, masks=None)
+    val = [target for batch in dm.val_dataloader() for target in batch["targets"]]
+    assert [target["image_id"] for target in val] == [21, 22]
 
 
 def test_parquet_with_integer_categories_needs_label_names(tmp_path):
@@ -383,10 +407,16 @@ def test_a_mask_of_another_size_names_the_object_and_the_image(tmp_path):
 def test_an_annotation_file_that_does_not_match_its_image_folder(tmp_path):
     root = write_coco_folder(tmp_path / "coco")
     Image.new("RGB", (WIDTH, HEIGHT + 1)).save(root / "val2017" / "22.png")
+    message = r"22\.png' .*is 20x17 .* annotations say 20x16.*instances_<split>.json"
+    with pytest.raises(DataError, match=message):  # found from the image headers, before training
+        make_module(tmp_path, path="coco", data_dir=str(root)).setup("fit")
     dm = make_module(tmp_path, path="coco", data_dir=str(root))
-    dm.setup("validate")
-    with pytest.raises(DataError, match=r"22\.png' is 20x17 .* annotations say 20x16.*instances_<split>.json"):
-        dm.datasets["val"][1]
+    val = dm.split("val2017", "val_split")
+    with pytest.raises(DataError, match=message):  # and when the image is decoded
+        dm.decoder(val, "val2017", "val")(val[1], 1)
+
+    with pytest.raises(DataError, match="is a COCO folder, whose boxes are always .*remove `box_format`"):
+        make_module(tmp_path, path="coco", data_dir=str(root), box_format="xyxy").setup("fit")
 
     (root / "train2017" / "13.png").unlink()
     with pytest.raises(

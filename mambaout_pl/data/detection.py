@@ -18,10 +18,12 @@ boxes in the pixels of the image they were given, where COCO's area ranges are d
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -29,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets import ClassLabel, Dataset, IterableDataset
+from datasets import Image as ImageFeature
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import pil_to_tensor
@@ -45,6 +48,8 @@ from mambaout_pl.data.sources import COCO_LAYOUT, AnyDataset
 __all__ = ["AnnotationWarning", "DetectionDataModule", "collate_detection"]
 
 BoxFormat = Literal["xywh", "xyxy"]
+
+_EXIF_ORIENTATION = 0x0112
 
 
 class AnnotationWarning(UserWarning):
@@ -71,8 +76,9 @@ class DetectionDataModule(BaseDataModule):
         area_key: Key of an object's area in pixels, passed on to the evaluation where present.
         iscrowd_key: Key of an object's crowd flag, where present.
         image_id_column: Column of the image ids used for scoring; the row number when absent.
-        box_format: ``"xywh"`` (COCO's ``[x, y, width, height]``) or ``"xyxy"`` (``[x1, y1, x2,
-            y2]``, e.g. ``detection-datasets/coco``). A COCO folder is always ``"xywh"``.
+        box_format: ``"xywh"`` (COCO's ``[x, y, width, height]``, the Hub's usual layout) or
+            ``"xyxy"`` (``[x1, y1, x2, y2]``; the dataset card says which). A COCO folder's boxes
+            are always ``"xywh"``.
         masks: Read the instance masks (Mask R-CNN); False for boxes only (Faster R-CNN).
         label_names: Class names, for data whose categories are plain integers.
         min_size: Training resize: the shorter side, or a list of sides to draw one from per image.
@@ -133,12 +139,28 @@ class DetectionDataModule(BaseDataModule):
     @property
     def box_format(self) -> BoxFormat:
         """The layout of the boxes as stored: a COCO folder's are always ``"xywh"``."""
-        return "xywh" if self.is_coco_folder else self.hparams.box_format
+        if self.is_coco_folder and self.hparams.box_format != "xywh":
+            raise DataError(
+                f"box_format={self.hparams.box_format!r}, but {self.describe_source()!r} is a COCO folder, whose "
+                "boxes are always [x, y, width, height]: remove `box_format`."
+            )
+        return self.hparams.box_format
 
     @property
     def is_coco_folder(self) -> bool:
         """Whether the data is a COCO folder (also the embedded digits), read by ``coco.py``."""
         return self.source[0] == COCO_LAYOUT
+
+    def annotation_file(self, role: str = "val") -> Path | None:
+        """The COCO annotation file of ``role``'s split (``"val"``, ``"test"``), for the official evaluation; None if not a COCO folder.
+
+        A held-out validation part has none either: its images are a subset of the file's.
+        """
+        split = self.hparams[f"{role}_split"]
+        if not self.is_coco_folder or split is None:
+            return None
+        path = Path(self.source[1]) / "annotations" / f"instances_{split}.json"
+        return path if path.is_file() else None
 
     def read_label_names(self) -> list[str]:
         """``label_names``, else the names of the train split's category ``ClassLabel``."""
@@ -203,7 +225,10 @@ class DetectionDataModule(BaseDataModule):
                     "Set `mask_key` to the objects' mask key, or `masks: false` to train boxes only."
                 )
         if isinstance(dataset, IterableDataset):
-            return dataset.filter(self._has_trainable_object) if role == "train" else dataset
+            if role != "train":
+                return dataset
+            return dataset.filter(TrainableObjects(hp.objects_column, hp.bbox_key, hp.iscrowd_key, self.box_format))
+        self._check_image_sizes(dataset, split)
         kept = self._scan(dataset, split)
         if role != "train":
             return dataset
@@ -252,16 +277,30 @@ class DetectionDataModule(BaseDataModule):
         kept[row[valid & (crowd == 0)]] = True
         return kept
 
-    def _has_trainable_object(self, example: dict[str, Any]) -> bool:
+    def _check_image_sizes(self, dataset: Dataset, split: str, count: int = 8) -> None:
+        """Compare the sizes of a few images, spread over ``dataset``, with its ``width``/``height`` columns.
+
+        Reads only the image headers: a cheap check, before training, that the annotations and
+        the images belong together (every image is checked again when decoded).
+        """
         hp = self.hparams
-        objects = object_list(example[hp.objects_column])
-        if not objects:
-            return False
-        boxes = to_xyxy(
-            np.array([obj[hp.bbox_key] for obj in objects], dtype=np.float64).reshape(-1, 4), self.box_format
-        )
-        crowd = np.array([int(obj.get(hp.iscrowd_key) or 0) for obj in objects])
-        return bool(np.any(clip_boxes(boxes, None)[1] & (crowd == 0)))
+        if not {"width", "height"} <= set(dataset.column_names) or len(dataset) == 0:
+            return
+        rows = np.unique(np.linspace(0, len(dataset) - 1, num=min(count, len(dataset))).round().astype(int))
+        columns = dataset.select_columns([hp.image_column, "width", "height"]).select(rows)
+        if isinstance(columns.features.get(hp.image_column), ImageFeature):
+            columns = columns.cast_column(hp.image_column, ImageFeature(decode=False))
+        for row, example in zip(rows, columns, strict=True):
+            width, height = image_size(example[hp.image_column])
+            if (width, height) != (example["width"], example["height"]):
+                value = example[hp.image_column]
+                path = value.get("path") if isinstance(value, dict) else None
+                where = repr(path) if path else f"row {int(row)}"
+                raise DataError(
+                    f"Image {where} of split {split!r} is {width}x{height} (width x height) but its annotations say "
+                    f"{example['width']}x{example['height']}. Use the annotations that belong to these images (for a "
+                    "COCO folder: the instances_<split>.json of the same <split>/ folder)."
+                )
 
     # -- one example -> one sample; samples -> a batch ----------------------------------------
 
@@ -375,6 +414,36 @@ def _flat_objects(
 
 
 @dataclass
+class TrainableObjects:
+    """Whether a streamed example has an object to train on: a box with an area that is not a crowd region."""
+
+    objects_column: str
+    bbox_key: str
+    iscrowd_key: str
+    box_format: BoxFormat
+
+    def __call__(self, example: dict[str, Any]) -> bool:
+        objects = object_list(example.get(self.objects_column))
+        boxes = to_xyxy(np.array([obj[self.bbox_key] for obj in objects], dtype=np.float64), self.box_format)
+        crowd = np.array([int(obj.get(self.iscrowd_key) or 0) for obj in objects], dtype=np.int64)
+        return bool(np.any(clip_boxes(boxes, None)[1] & (crowd == 0)))
+
+
+def image_size(value: Any) -> tuple[int, int]:
+    """``(width, height)`` of a stored image once upright, from its header alone where it is a local file or bytes."""
+    if isinstance(value, dict) and (value.get("bytes") is not None or "://" not in (value.get("path") or "://")):
+        source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
+        try:
+            with Image.open(source) as image:
+                width, height = image.size
+                # EXIF orientations 5-8 turn the image a quarter: decoded upright, its sides swap.
+                return (height, width) if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
+        except Exception as error:
+            raise CorruptImageError(f"Cannot read image {value.get('path') or '<in-memory bytes>'}: {error}") from error
+    return open_image(value).size
+
+
+@dataclass
 class DetectionSampleMaker:
     """Decode one row into ``{"image": float [3, H, W], "target": DetectionTarget}``, checked and transformed."""
 
@@ -404,6 +473,11 @@ class DetectionSampleMaker:
                 "instances_<split>.json of the same <split>/ folder)."
             )
         image_id = row.get(self.image_id_column, index)
+        if not isinstance(image_id, (int, np.integer)):
+            raise DataError(
+                f"Column {self.image_id_column!r} of {where} holds {image_id!r}, not an integer image id. Set "
+                "`image_id_column` to an integer column, or to a name the data has no column for to number the rows."
+            )
         objects = [] if self.objects_column is None else object_list(row.get(self.objects_column))
         boxes = to_xyxy(np.array([obj[self.bbox_key] for obj in objects], dtype=np.float64), self.box_format)
         boxes, keep = clip_boxes(boxes, (width, height))
