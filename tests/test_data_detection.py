@@ -6,6 +6,7 @@ Every dataset here is generated on disk and read through the same calls a user's
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import datasets
@@ -14,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
+from torchmetrics.detection import MeanAveragePrecision
 
 from mambaout_pl.data import (
     ColumnNotFoundError,
@@ -23,6 +25,7 @@ from mambaout_pl.data import (
     InvalidLabelError,
 )
 from mambaout_pl.data.detection import AnnotationWarning
+from mambaout_pl.models import RCNNDetector
 
 WIDTH, HEIGHT = 20, 16
 # COCO categories, deliberately not in id order: labels follow the ids, so "dog" (id 2) is 1, "cat" (id 5) 2.
@@ -299,6 +302,29 @@ def test_parquet_with_integer_categories_needs_label_names(tmp_path):
     assert dm.datasets["val"][0]["target"]["labels"].tolist() == [1, 2]
 
 
+def test_masks_stored_as_images_and_one_of_another_size(tmp_path):
+    rows = hf_rows("val2017")
+    for objects, written in zip(rows["objects"], OBJECTS["val2017"].values(), strict=True):
+        objects["segmentation"] = [Image.fromarray(box_mask(box) * 255) for _, _, box in written]
+    features = hf_features()
+    features["objects"]["segmentation"] = datasets.Sequence(datasets.Image())
+    (tmp_path / "parquet").mkdir()
+    path = str(tmp_path / "parquet" / "val.parquet")
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(path)
+    options = dict(path="parquet", data_files={"validation": path}, box_format="xyxy", train_split="validation")
+    dm = make_module(tmp_path, test_split="validation", **options)
+    dm.setup("test")
+    target = dm.datasets["test"][0]["target"]
+    check_target(target, OBJECTS["val2017"][21], training=False)
+
+    rows["objects"][0]["segmentation"][1] = Image.new("L", (WIDTH, HEIGHT - 2), 255)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(path)
+    dm = make_module(tmp_path / "other", test_split="validation", **options)
+    dm.setup("test")
+    with pytest.raises(DataError, match=r"mask of object 1 of row 0 of split 'validation' is 20x14 .* image is 20x16"):
+        dm.datasets["test"][0]
+
+
 def test_builtin_digit_detection_is_read_as_a_coco_folder(tmp_path):
     dm = make_module(tmp_path, eval_batch_size=3, min_size=64, max_size=128)
     assert dm.hparams.path is None and dm.source[0] == "coco"
@@ -435,3 +461,49 @@ def test_masks_asked_for_but_absent_and_a_missing_objects_column(tmp_path):
     dm = make_module(tmp_path, path="coco", data_dir=str(root), objects_column="annotations")
     with pytest.raises(ColumnNotFoundError, match="Column 'annotations' does not exist .*Set `objects_column`"):
         dm.label_names
+
+
+def test_batches_train_a_detector_and_score_with_torchmetrics(one_thread, tmp_path):
+    """The contract end to end: training batches give finite losses, evaluation targets feed the COCO metric."""
+    root = write_coco_folder(tmp_path / "coco")
+    dm = make_module(tmp_path, path="coco", data_dir=str(root), min_size=64, max_size=96)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    detector = RCNNDetector(
+        "mambaout_femto",
+        num_classes=dm.num_classes,
+        min_size=64,
+        max_size=96,
+        fpn_channels=32,
+        anchor_sizes=(8, 16, 32, 64, 128),
+        box_batch_size_per_image=64,
+    ).train()
+    (train,) = list(dm.train_dataloader())
+    losses = detector(train["images"], train["targets"])
+    assert "loss_mask" in losses and all(math.isfinite(loss.item()) for loss in losses.values())
+
+    (val,) = list(dm.val_dataloader())
+    with torch.no_grad():
+        predictions = detector.eval()(val["images"])
+    metric = MeanAveragePrecision(iou_type=["bbox", "segm"])
+    preds = [{**p, "masks": (p["masks"][:, 0] > 0.5).to(torch.uint8)} for p in predictions]
+    metric.update(preds, val["targets"])
+    assert 0.0 <= float(metric.compute()["bbox_map"]) <= 1.0
+
+    # Predicting exactly the objects that are not crowd regions scores 1: the crowd region (the only
+    # "cat") is ignored. Were `iscrowd` lost, "cat" would count as missed and the mean would be 0.5.
+    metric = MeanAveragePrecision(iou_type=["bbox", "segm"])
+    exact = []
+    for target in val["targets"]:
+        keep = target["iscrowd"] == 0
+        exact.append(
+            {
+                "boxes": target["boxes"][keep],
+                "labels": target["labels"][keep],
+                "masks": target["masks"][keep],
+                "scores": torch.ones(int(keep.sum())),
+            }
+        )
+    metric.update(exact, val["targets"])
+    scores = metric.compute()
+    assert float(scores["bbox_map"]) == 1.0 and float(scores["segm_map"]) == 1.0

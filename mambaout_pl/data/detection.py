@@ -291,7 +291,10 @@ class DetectionDataModule(BaseDataModule):
         if isinstance(columns.features.get(hp.image_column), ImageFeature):
             columns = columns.cast_column(hp.image_column, ImageFeature(decode=False))
         for row, example in zip(rows, columns, strict=True):
-            width, height = image_size(example[hp.image_column])
+            try:
+                width, height = image_size(example[hp.image_column])
+            except CorruptImageError:
+                continue  # reported, or skipped with `skip_corrupt`, when decoded
             if (width, height) != (example["width"], example["height"]):
                 value = example[hp.image_column]
                 path = value.get("path") if isinstance(value, dict) else None
