@@ -270,6 +270,20 @@ def test_parquet_with_hub_style_objects(tmp_path, box_format):
     assert val["targets"][0]["masks"].sum() > 0
 
 
+def test_predict_split_without_objects(tmp_path):
+    path = tmp_path / "predict.parquet"
+    rows = {"image": [Image.fromarray(image_pixels(image_id)) for image_id in (31, 32)], "image_id": [31, 32]}
+    datasets.Dataset.from_dict(rows).to_parquet(path)
+    # No train split to read the classes from: they are given.
+    dm = make_module(
+        tmp_path, path="parquet", data_files={"predict": str(path)}, predict_split="predict", label_names=["dog", "cat"]
+    )
+    (batch,) = list(dm.predict_dataloader())
+    assert [image_id_of(image) for image in batch["images"]] == [31, 32]
+    assert [target["image_id"] for target in batch["targets"]] == [31, 32]
+    assert all(target["boxes"].shape == (0, 4) and len(target["labels"]) == 0 for target in batch["targets"])
+
+
 def test_streamed_parquet_trains_on_annotated_images_and_evaluates_every_image(tmp_path):
     files = write_parquet(tmp_path / "parquet")
     dm = make_module(

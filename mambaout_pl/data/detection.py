@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import ClassLabel, Dataset, IterableDataset
 from datasets import Image as ImageFeature
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import pil_to_tensor
@@ -237,7 +238,13 @@ class DetectionDataModule(BaseDataModule):
                 f"Split {split!r} of {self.describe_source()!r} has no image with an object to train on (every image "
                 "is empty or holds only crowd regions or invalid boxes). Check the annotations and `box_format`."
             )
-        return dataset if kept.all() else dataset.select(np.flatnonzero(kept), keep_in_memory=True)
+        if not kept.all():
+            rank_zero_info(
+                f"Training on {int(kept.sum())} of the {len(dataset)} images of split {split!r}: the other "
+                f"{int((~kept).sum())} have no object to train on (no annotation, or only crowd regions)."
+            )
+            dataset = dataset.select(np.flatnonzero(kept), keep_in_memory=True)
+        return dataset
 
     def _scan(self, dataset: Dataset, split: str) -> np.ndarray:
         """Check every box and category of ``dataset`` (no image decoded); which rows have an object to train on."""
