@@ -10,7 +10,10 @@ sources go through the same checks and the same decoder.
 Before training, the boxes and categories of each map-style split are checked without decoding
 any image: a category outside the classes raises; boxes with no width or height, or outside their
 image, are left out and boxes reaching past the border are clipped, with one counted warning per
-split. Training leaves out crowd regions and the images with no object left; evaluation keeps
+split (outside the image: where the data has ``width`` and ``height`` columns, as COCO's and most
+Hub datasets do; else the decoder clips and drops them alike, uncounted). A few image headers are
+compared with those sizes, to catch annotations that belong to other images.
+Training leaves out crowd regions and the images with no object left; evaluation keeps
 every image, and the crowd regions marked ``iscrowd``, for the COCO evaluation to ignore.
 Evaluation images keep their original size: torchvision's detectors resize inside and return
 boxes in the pixels of the image they were given, where COCO's area ranges are defined.
