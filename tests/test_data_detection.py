@@ -521,3 +521,17 @@ def test_batches_train_a_detector_and_score_with_torchmetrics(one_thread, tmp_pa
     metric.update(exact, val["targets"])
     scores = metric.compute()
     assert float(scores["bbox_map"]) == 1.0 and float(scores["segm_map"]) == 1.0
+
+
+def test_category_names_repeated_or_differing_between_splits(tmp_path):
+    root = write_coco_folder(tmp_path / "coco")
+    for split in OBJECTS:
+        edit_annotations(root, split, lambda content: content["categories"][1].update(name="cat"))
+    assert make_module(tmp_path, path="coco", data_dir=str(root)).label_names == ["cat (id 2)", "cat (id 5)"]
+
+    edit_annotations(root, "val2017", lambda content: content["categories"].append({"id": 8, "name": "fish"}))
+    dm = make_module(tmp_path, path="coco", data_dir=str(root))
+    with pytest.raises(
+        InvalidLabelError, match=r"Split 'val2017' names its categories .*'fish'.* the same 'categories'"
+    ):
+        dm.setup("fit")
