@@ -8,8 +8,9 @@ from the first 1497, validation scenes from the last 300), scaled to 16-32 pixel
 overlap and painted in a colour that contrasts with a smooth colour background. A digit's mask
 is the pixels its ink covers at least half of (stored as COCO RLE), its box the mask's extent; the
 ten categories are the digits, ids 1-10 named "0"-"9". Generated from a seed: the same seed
-writes the same files. ``materialize_digit_detection`` writes it once under the embedded-data
-cache folder, in a temporary folder renamed into place, so a crash never leaves half a dataset.
+writes the same files. ``path="builtin:digit_detection"`` writes the default one once under the
+embedded-data cache folder (``embedded.py``), as ``materialize_digit_detection`` does for any seed,
+counts or size, in a temporary folder renamed into place, so a crash never leaves half a dataset.
 """
 
 from __future__ import annotations
