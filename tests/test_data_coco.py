@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 
 from mambaout_pl.data.coco import CocoAnnotationWarning, decode_coco_example, load_coco_split
-from mambaout_pl.data.embedded_detection import materialize_digit_detection, write_digit_detection
+from mambaout_pl.data.embedded_detection import write_digit_detection
 from mambaout_pl.data.errors import DataError, DataNotFoundError, InvalidLabelError
 
 SIZES = {"a.png": (14, 12), "b.png": (20, 16), "c.png": (10, 10)}  # (width, height)
@@ -199,7 +199,3 @@ def test_digit_detection_is_a_coco_folder_of_digits_with_exact_masks(tmp_path):
         assert (root / name).read_bytes() == (again / name).read_bytes()
     assert (root / "train" / "000001.png").read_bytes() != (other / "train" / "000001.png").read_bytes()
 
-    folder = materialize_digit_detection(tmp_path / "cache", seed=3, counts=counts)
-    assert materialize_digit_detection(tmp_path / "cache", seed=3, counts=counts) == folder
-    assert (folder / "train" / "000006.png").read_bytes() == (root / "train" / "000006.png").read_bytes()
-    assert [path.name for path in (tmp_path / "cache").iterdir()] == [folder.name]  # no staging folder left

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mambaout_pl.data.digit_scenes import paint_digit, smooth_background
 from mambaout_pl.data.embedded_detection import DIGIT_DETECTION_VERSION, write_digit_detection
 from mambaout_pl.training.atomic import staged_folder
 
@@ -96,11 +97,7 @@ def _digit_scene(
     images: np.ndarray, targets: np.ndarray, rng: np.random.Generator, first: int, last: int, size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """One scene (uint8 [size, size, 3]) and its label map (uint8 [size, size])."""
-    start, end = rng.uniform(0, 255, size=(2, 3))
-    direction = rng.uniform(-1.0, 1.0, size=2)
-    rows, columns = np.mgrid[0:size, 0:size] / (size - 1)
-    blend = np.clip(0.5 + direction[0] * (rows - 0.5) + direction[1] * (columns - 0.5), 0.0, 1.0)[..., None]
-    scene = (1.0 - blend) * start + blend * end + rng.normal(0.0, 6.0, size=(size, size, 3))
+    scene = smooth_background(rng, size)
     labels = np.zeros((size, size), dtype=np.uint8)
     taken = np.zeros((size, size), dtype=bool)
     for _ in range(int(rng.integers(1, 4))):
@@ -110,12 +107,7 @@ def _digit_scene(
             top, left = (int(value) for value in rng.integers(0, size - side + 1, size=2))
             if taken[top : top + side, left : left + side].mean() < 0.25:
                 break
-        glyph = Image.fromarray(np.rint(images[sample] * (255.0 / 16.0)).astype(np.uint8), mode="L")
-        ink = np.asarray(glyph.resize((side, side), Image.Resampling.BILINEAR), dtype=np.float64) / 255.0
-        background = scene[top : top + side, left : left + side].mean(axis=(0, 1))
-        colour = np.where(background > 127.5, rng.uniform(0, 60, size=3), rng.uniform(195, 255, size=3))
-        window = scene[top : top + side, left : left + side]
-        window[:] = (1.0 - ink[..., None]) * window + ink[..., None] * colour
+        ink = paint_digit(scene, images[sample], top, left, side, rng)
         labels[top : top + side, left : left + side][ink >= 0.5] = int(targets[sample]) + 1
         taken[top : top + side, left : left + side] = True
     return np.clip(np.rint(scene), 0, 255).astype(np.uint8), labels

@@ -9,24 +9,23 @@ overlap and painted in a colour that contrasts with a smooth colour background. 
 is the pixels its ink covers at least half of (stored as COCO RLE), its box the mask's extent; the
 ten categories are the digits, ids 1-10 named "0"-"9". Generated from a seed: the same seed
 writes the same files. ``path="builtin:digit_detection"`` writes the default one once under the
-embedded-data cache folder (``embedded.py``), as ``materialize_digit_detection`` does for any seed,
-counts or size, in a temporary folder renamed into place, so a crash never leaves half a dataset.
+embedded-data cache folder (``embedded.py``), in a temporary folder renamed into place, so a crash
+never leaves half a dataset.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-__all__ = ["DIGIT_DETECTION_CATEGORIES", "materialize_digit_detection", "write_digit_detection"]
+from mambaout_pl.data.digit_scenes import paint_digit, smooth_background
+
+__all__ = ["DIGIT_DETECTION_CATEGORIES", "write_digit_detection"]
 
 DIGIT_DETECTION_NAME = "digit_detection"
 DIGIT_DETECTION_VERSION = 2
@@ -85,11 +84,7 @@ def digit_scene(
         size: int,
 ) -> tuple[np.ndarray, list[tuple[np.ndarray, int]]]:
     """One scene (uint8 ``[size, size, 3]``) and its digits as (uint8 ``[size, size]`` mask, digit) pairs."""
-    start, end = rng.uniform(0, 255, size=(2, 3))
-    direction = rng.uniform(-1.0, 1.0, size=2)
-    rows, columns = np.mgrid[0:size, 0:size] / (size - 1)
-    blend = np.clip(0.5 + direction[0] * (rows - 0.5) + direction[1] * (columns - 0.5), 0.0, 1.0)[..., None]
-    scene = (1.0 - blend) * start + blend * end + rng.normal(0.0, 6.0, size=(size, size, 3))
+    scene = smooth_background(rng, size)
     taken = np.zeros((size, size), dtype=bool)
     objects: list[tuple[np.ndarray, int]] = []
     for _ in range(int(rng.integers(1, 4))):
@@ -101,43 +96,10 @@ def digit_scene(
                 break
         else:
             continue  # no free place left for a digit of this size
-        glyph = Image.fromarray(np.rint(images[sample] * (255.0 / 16.0)).astype(np.uint8), mode="L")
-        ink = np.asarray(glyph.resize((side, side), Image.Resampling.BILINEAR), dtype=np.float64) / 255.0
-        background = scene[top:top + side, left:left + side].mean(axis=(0, 1))
-        colour = np.where(background > 127.5, rng.uniform(0, 60, size=3), rng.uniform(195, 255, size=3))
-        window = scene[top:top + side, left:left + side]
-        window[:] = (1.0 - ink[..., None]) * window + ink[..., None] * colour
+        ink = paint_digit(scene, images[sample], top, left, side, rng)
         mask = np.zeros((size, size), dtype=np.uint8)
         mask[top:top + side, left:left + side] = ink >= 0.5
         taken[top:top + side, left:left + side] = True
         if mask.any():
             objects.append((mask, int(targets[sample])))
     return np.clip(np.rint(scene), 0, 255).astype(np.uint8), objects
-
-
-def materialize_digit_detection(cache_dir: str | os.PathLike | None = None, **kwargs: Any) -> Path:
-    """The dataset's folder under the embedded-data cache folder, written there first if missing.
-
-    Arguments other than ``cache_dir`` go to `write_digit_detection`; a non-default ``seed``,
-    ``counts`` or ``size`` gets its own folder.
-    """
-    from mambaout_pl.data.embedded import cache_root  # embedded.py registers this module's dataset
-
-    suffix = "".join(f"-{key}{value}" for key, value in sorted(kwargs.items()) if key != "counts")
-    if kwargs.get("counts"):
-        suffix += "-" + "-".join(f"{split}{count}" for split, count in kwargs["counts"].items())
-    folder = cache_root(cache_dir) / f"{DIGIT_DETECTION_NAME}-v{DIGIT_DETECTION_VERSION}{suffix}"
-    if folder.is_dir():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{DIGIT_DETECTION_NAME}-", dir=folder.parent))
-    try:
-        write_digit_detection(staging / "data", **kwargs)
-        try:
-            (staging / "data").rename(folder)
-        except OSError:
-            if not folder.is_dir():  # not another process winning the race: a real failure
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
