@@ -140,7 +140,9 @@ class ImageClassificationDataModule(BaseDataModule):
     def image_folder(self) -> Path | None:
         """The local folder read by the ``imagefolder`` builder, if that is the source."""
         path, data_dir = self.source
-        return Path(data_dir).expanduser() if path == "imagefolder" and data_dir is not None else None
+        if path != "imagefolder" or data_dir is None or not Path(data_dir).expanduser().is_dir():
+            return None
+        return Path(data_dir).expanduser()
 
     def check_split(self, dataset: AnyDataset, split: str, role: str) -> AnyDataset:
         """Labelled roles: the label column exists, names the train split's classes and is in range."""
