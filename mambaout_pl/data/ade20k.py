@@ -20,7 +20,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 
-from mambaout_pl.data.errors import DataError, DataNotFoundError
+from mambaout_pl.data.errors import DataError, DataNotFoundError, InvalidLabelError
 
 #: ADE20K's classes in label order (label 0, "other", is not one of them: ``reduce_zero_label``).
 ADE20K_CLASSES: tuple[str, ...] = (
@@ -81,6 +81,13 @@ def load_ade20k_folder(folder: str | os.PathLike) -> DatasetDict:
         if mask_folder.is_dir():
             masks = {path.stem: path for path in mask_folder.iterdir() if path.suffix.lower() == ".png"}
             missing = [stem for stem in images if stem not in masks]
+            other_formats = sorted(path for path in mask_folder.iterdir() if path.stem in missing)
+            if other_formats:
+                raise InvalidLabelError(
+                    f"Label map {str(other_formats[0])!r} is not a PNG ({len(other_formats)} label maps in "
+                    f"{str(mask_folder)!r} are not): label maps must be stored losslessly, and JPEG compression "
+                    "changes class indices along every edge. Save them as PNG from the original labels."
+                )
             if missing:
                 raise DataNotFoundError(
                     f"Image {str(images[missing[0]])!r} has no label map: expected "

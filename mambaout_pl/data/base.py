@@ -338,6 +338,7 @@ class BaseDataModule(LightningDataModule):
         batch_size = hp.batch_size if train else self.eval_batch_size
         streamed = isinstance(dataset, StreamedSamples)
         if train and not streamed:
+            self._check_one_batch(len(dataset), batch_size)
             return self._resumable_train_loader(dataset, batch_size, self.collate(role))
         loader_class = EpochReshufflingDataLoader if streamed and train else DataLoader
         loader = loader_class(
@@ -353,6 +354,19 @@ class BaseDataModule(LightningDataModule):
         if loader_class is EpochReshufflingDataLoader:
             loader.current_epoch = lambda: self.trainer.current_epoch if self.trainer is not None else 0
         return loader
+
+    def _check_one_batch(self, num_examples: int, batch_size: int) -> None:
+        """Raise if ``drop_last`` would leave no training batch (Lightning would skip training and exit 0)."""
+        hp = self.hparams
+        world_size = int(getattr(self.trainer, "world_size", 1) or 1) if self.trainer is not None else 1
+        per_device = -(-num_examples // world_size)
+        if hp.drop_last and per_device < batch_size:
+            devices = f" per device ({num_examples} over {world_size} devices)" if world_size > 1 else ""
+            raise DataError(
+                f"No training batches: the training split ({hp.train_split!r}) has {per_device} examples{devices}, "
+                f"fewer than batch_size={batch_size}, and drop_last=true drops that incomplete batch. Lower "
+                "`batch_size` to at most the split size, set `drop_last` to false, or add training data."
+            )
 
     # -- resuming mid-epoch -------------------------------------------------------------------
     # Lightning (2.6) also saves a stateful loader's state in its loop state, but never gives it

@@ -22,6 +22,7 @@ class ClassificationBatch(TypedDict):
 
     image: torch.Tensor  # float [B, 3, H, W], normalised
     label: NotRequired[torch.Tensor]  # long [B], class indices; absent from unlabelled predict batches
+    file: NotRequired[list[str]]  # predict batches only: each image's stored path ("" when it has none)
 
 
 class SegmentationTrainBatch(TypedDict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from mambaout_pl.data import embedded
 from mambaout_pl.data.base import BaseDataModule
 from mambaout_pl.data.batches import ClassificationBatch
 from mambaout_pl.data.checks import check_columns, check_labels, integer_labels
-from mambaout_pl.data.errors import ColumnNotFoundError, InvalidLabelError
+from mambaout_pl.data.errors import ColumnNotFoundError, DataError, InvalidLabelError
 from mambaout_pl.data.images import read_rgb_image
 from mambaout_pl.data.sources import AnyDataset
 from mambaout_pl.data.transforms import create_classification_transforms
@@ -76,6 +77,11 @@ class ImageClassificationDataModule(BaseDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if label_column == self.hparams.image_column:
+            raise ValueError(
+                f"label_column={label_column!r} is also the image_column: set `label_column` to the column of "
+                "integer (or ClassLabel) labels and `image_column` to the column of images."
+            )
         self.train_transform = create_classification_transforms(
             image_size,
             training=True,
@@ -100,10 +106,21 @@ class ImageClassificationDataModule(BaseDataModule):
         """ClassLabel names of the train split, else ``"0" .. str(largest label)``."""
         hp = self.hparams
         train = self.split(hp.train_split, "train_split")
+        folder = self.image_folder()
+        if folder is not None and train.column_names is not None and hp.label_column not in train.column_names:
+            check_class_folders(folder, [])
         check_columns(train, {"label_column": hp.label_column}, split=hp.train_split)
         feature = (train.features or {}).get(hp.label_column)
         if isinstance(feature, ClassLabel):
-            return list(feature.names)
+            names = list(feature.names)
+            if folder is not None:
+                check_class_folders(folder, names)
+            if len(names) < 2:
+                raise DataError(
+                    f"Split {hp.train_split!r} of {self.describe_source()!r} has a single class ({names}): a "
+                    "classifier needs at least two. Add the other classes' data."
+                )
+            return names
         if isinstance(train, IterableDataset):
             rank_zero_warn(
                 f"Label column {hp.label_column!r} is not a ClassLabel: reading the whole streamed "
@@ -119,6 +136,13 @@ class ImageClassificationDataModule(BaseDataModule):
                 f"holds no non-negative integer labels (largest value: {largest!r})."
             )
         return [str(index) for index in range(int(largest) + 1)]
+
+    def image_folder(self) -> Path | None:
+        """The local folder read by the ``imagefolder`` builder, if that is the source."""
+        path, data_dir = self.source
+        if path != "imagefolder" or data_dir is None or not Path(data_dir).expanduser().is_dir():
+            return None
+        return Path(data_dir).expanduser()
 
     def check_split(self, dataset: AnyDataset, split: str, role: str) -> AnyDataset:
         """Labelled roles: the label column exists, names the train split's classes and is in range."""
@@ -170,8 +194,10 @@ class SampleMaker:
     split: str
 
     def __call__(self, example: dict[str, Any], index: int) -> dict[str, Any]:
-        image = read_rgb_image(self._get(example, self.image_column, "image_column"))
-        sample = {"image": self.transform(image)}
+        stored = self._get(example, self.image_column, "image_column")
+        sample: dict[str, Any] = {"image": self.transform(read_rgb_image(stored))}
+        if self.num_classes is None:
+            sample["file"] = (stored.get("path") if isinstance(stored, dict) else None) or ""
         if self.label_column is None or (self.num_classes is None and self.label_column not in example):
             return sample
         label = self._get(example, self.label_column, "label_column")
@@ -198,4 +224,29 @@ def collate_samples(samples: list[dict[str, Any]]) -> ClassificationBatch:
     batch: ClassificationBatch = {"image": torch.stack([sample["image"] for sample in samples])}
     if "label" in samples[0]:
         batch["label"] = torch.tensor([sample["label"] for sample in samples], dtype=torch.long)
+    if "file" in samples[0]:
+        batch["file"] = [sample["file"] for sample in samples]
     return batch
+
+
+def check_class_folders(folder: Path, label_names: list[str]) -> None:
+    """Raise if an image folder's class sub-folder holds no files (``datasets`` drops that class without a word).
+
+    With fewer than two class folders, ``datasets`` gives no labels at all: say so.
+    """
+    split_folders = [child for child in sorted(folder.iterdir()) if child.is_dir()]
+    class_folders = [sub for split in split_folders for sub in sorted(split.iterdir()) if sub.is_dir()]
+    class_folders = class_folders or split_folders  # <data_dir>/<class>/<image>: no split folders
+    for class_folder in class_folders:
+        if class_folder.name not in label_names and not any(path.is_file() for path in class_folder.rglob("*")):
+            raise DataError(
+                f"Class folder '{class_folder}' holds no images, so class {class_folder.name!r} would be left out "
+                "of the classes (and every later class index would shift). Add its images, or remove the folder."
+            )
+    names = sorted({class_folder.name for class_folder in class_folders})
+    if not label_names and len(names) <= 1:
+        found = f"only one class folder ({names[0]!r})" if names else "no class folders"
+        raise DataError(
+            f"Image folder '{folder}' has {found}, so it has no labels: a classifier "
+            "needs at least two classes, as <data_dir>/<split>/<class>/<image> folders."
+        )

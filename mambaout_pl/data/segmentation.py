@@ -31,6 +31,8 @@ from mambaout_pl.data.sources import ADE20K_LAYOUT, AnyDataset
 
 # Mask modes that hold one class index per pixel.
 _INDEX_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "1")
+# Image formats that change pixel values when saved: no label map survives them.
+_LOSSY_FORMATS = ("JPEG", "MPO")
 
 
 class SegmentationDataModule(BaseDataModule):
@@ -86,6 +88,11 @@ class SegmentationDataModule(BaseDataModule):
         if "scale" in kwargs:
             raise TypeError("SegmentationDataModule's `scale` is now `resize_scale`: rename the key.")
         super().__init__(**kwargs)
+        if mask_column == self.hparams.image_column:
+            raise ValueError(
+                f"mask_column={mask_column!r} is also the image_column: set `mask_column` to the column of label "
+                "maps and `image_column` to the column of images."
+            )
         self._num_classes_argument = num_classes
         self._label_names_argument = None if label_names is None else [str(name) for name in label_names]
         if num_classes is not None and num_classes < 1:
@@ -265,6 +272,12 @@ class SegmentationSampleMaker:
             mask_image = open_image(value)
         except CorruptImageError as error:
             raise CorruptImageError(f"Cannot decode the label map {where}: {error.__cause__ or error}") from error
+        if mask_image.format in _LOSSY_FORMATS:
+            raise InvalidLabelError(
+                f"Label map {where} is stored as {mask_image.format}, whose lossy compression changes class "
+                "indices along every edge (and may still look valid). Save label maps losslessly, as PNG, from the "
+                "original labels."
+            )
         if mask_image.mode not in _INDEX_MODES:
             raise InvalidLabelError(
                 f"Label map {where} is a {mask_image.mode} image; a label map holds one class index per pixel "

@@ -15,6 +15,7 @@ about 2% of the time, so plain timm training crashes now and then. :func:`make_p
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,18 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from timm.data.auto_augment import AugmentOp
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+
+# timm's auto-augment grammar: a policy name, then "-"-separated sections "<key><number>". timm skips a
+# section without a number (``inc`` in ``rand-m9-incl``) and runs on without it.
+_AUGMENT_SECTIONS = {
+    "rand": {"m": "magnitude", "n": "ops per image", "mstd": "magnitude std", "mmax": "largest magnitude",
+             "inc": "increasing ops (0/1)", "p": "op probability"},
+    "augmix": {"m": "magnitude", "w": "width", "d": "depth", "mstd": "magnitude std", "a": "alpha", "b": "blended (0/1)"},
+    "autoaugment": {"mstd": "magnitude std"},
+}
+_AUTO_AUGMENT_POLICIES = ("original", "originalr", "v0", "v0r", "3a")
+_RAND_CHOICES = ("tweights", "t3a", "t3aw")
+_SECTION = re.compile(r"([a-z]+)(\d+(?:\.\d+)?)")
 
 
 def create_classification_transforms(
@@ -48,6 +61,9 @@ def create_classification_transforms(
     Augmentation arguments apply to training only, ``crop_pct`` to eval only. ``interpolation``
     may be ``'random'`` (bilinear or bicubic per image) for training.
     """
+    check_geometry(image_size, scale, ratio)
+    if training and auto_augment:
+        check_auto_augment(auto_augment)
     allowed = INTERPOLATIONS + (("random",) if training else ())
     if interpolation not in allowed:
         raise ValueError(
@@ -74,6 +90,52 @@ def create_classification_transforms(
     )
     make_posterize_safe(transform)
     return transform
+
+
+def check_geometry(image_size: int, scale: tuple[float, float], ratio: tuple[float, float]) -> None:
+    """Raise unless ``image_size`` is positive and ``scale`` / ``ratio`` are increasing ranges timm can sample."""
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size={image_size!r} must be a positive number of pixels, e.g. 224.")
+    if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ValueError(
+            f"scale={list(scale)} must be [smallest, largest] crop area as fractions of the image, with "
+            "0 < smallest <= largest <= 1, e.g. [0.08, 1.0]."
+        )
+    if len(ratio) != 2 or not 0.0 < ratio[0] <= ratio[1]:
+        raise ValueError(
+            f"ratio={list(ratio)} must be [smallest, largest] crop aspect ratio (width / height), with "
+            "0 < smallest <= largest, e.g. [0.75, 1.3333]."
+        )
+
+
+def check_auto_augment(policy: str) -> None:
+    """Raise unless ``policy`` follows timm's grammar (``rand-m9-mstd0.5-inc1``, ``augmix-m5-w4-d2``, ``original-mstd0.5``).
+
+    timm ignores sections it cannot parse, so a typo would silently train with another augmentation.
+    """
+    name, *sections = policy.split("-")
+    if name in _AUGMENT_SECTIONS and name != "autoaugment":
+        family = name
+    elif name in _AUTO_AUGMENT_POLICIES:
+        family = "autoaugment"
+    else:
+        raise ValueError(
+            f"auto_augment={policy!r}: policy {name!r} is not one of 'rand' (RandAugment), 'augmix' or the "
+            f"AutoAugment policies {list(_AUTO_AUGMENT_POLICIES)}; e.g. 'rand-m9-mstd0.5-inc1'."
+        )
+    keys = _AUGMENT_SECTIONS[family]
+    for section in sections:
+        if family == "rand" and section in _RAND_CHOICES:
+            continue
+        match = _SECTION.fullmatch(section)
+        if match is None or match.group(1) not in keys:
+            accepted = ", ".join(f"{key}<number> ({meaning})" for key, meaning in keys.items())
+            if family == "rand":
+                accepted += ", " + ", ".join(_RAND_CHOICES)
+            raise ValueError(
+                f"auto_augment={policy!r}: section {section!r} is not part of timm's {name!r} grammar, and timm "
+                f"would silently ignore it. Accepted sections: {accepted}; e.g. 'rand-m9-mstd0.5-inc1'."
+            )
 
 
 def safe_posterize(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:

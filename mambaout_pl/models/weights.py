@@ -132,6 +132,16 @@ def load_pretrained(model: nn.Module, path: PathLike, strict: bool = True) -> nn
         (k, tuple(v.shape), tuple(model_state[k].shape))
         for k, v in state_dict.items() if k in model_state and v.shape != model_state[k].shape
     ]
+    not_float = [
+        f'{k} ({v.dtype})' for k, v in state_dict.items()
+        if k in model_state and model_state[k].is_floating_point() and not v.is_floating_point()
+    ]
+    if not_float:
+        raise CheckpointMismatchError(
+            f"'{path}' holds integer or boolean tensors for floating-point parameters: {_listing(not_float)}. "
+            'Loading would cast them to float and give wrong weights; the file was probably written from the wrong '
+            'tensors. Re-export the weights as floating point.'
+        )
     if strict and (missing or unexpected or mismatched):
         raise CheckpointMismatchError(_mismatch_message(path, model, missing, unexpected, mismatched))
     if missing or unexpected or mismatched:

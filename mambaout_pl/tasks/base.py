@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, EMAWeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
@@ -18,6 +19,7 @@ from torchmetrics import MeanMetric
 
 from mambaout_pl.errors import CheckpointMismatchError, NonFiniteLossError
 from mambaout_pl.export.spec import ExportSpec
+from mambaout_pl.tasks.arguments import check_optimizer, check_positive, check_scheduler
 from mambaout_pl.training.nonfinite import NONFINITE_LOSS_MODES, NonFiniteLossMixin, check_nonfinite_loss_mode
 from mambaout_pl.training.resume import (
     CHECKPOINT_KEY,
@@ -109,6 +111,9 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
     ) -> None:
         super().__init__()
         check_nonfinite_loss_mode(nonfinite_loss)
+        check_optimizer(optimizer)
+        check_scheduler(scheduler)
+        check_positive("lr", lr)
         self.save_hyperparameters()
         # Lightning's `self.log(..., sync_dist=True)` averages an integer sample count over ranks
         # (2.6: rounded down), which is wrong when ranks evaluate different numbers of images.
@@ -126,6 +131,11 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
 
     def configure_metrics(self) -> None:
         """Build the torchmetrics collections."""
+
+    def setup(self, stage: str) -> None:
+        """Refuse a ``fit`` that would train nothing."""
+        if stage == "fit":
+            check_trains(self.trainer)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (or any timm optimizer) with per-update warm-up and decay from ``timm.scheduler``."""
@@ -164,8 +174,18 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
         The schedule spans ``max_epochs`` minus the cool-down; with a step budget
         (``max_epochs=-1``), the whole run counts as one epoch of ``max_steps`` updates.
         """
-        total_updates = max(1, int(self.trainer.estimated_stepping_batches))
-        max_epochs = self.trainer.max_epochs
+        trainer = self.trainer
+        estimated = trainer.estimated_stepping_batches
+        # Lightning's estimate for a loader without a length and no max_steps: max_steps (-1), or inf with max_epochs=-1.
+        if trainer.max_steps == -1 and (math.isinf(estimated) or estimated < 0):
+            raise ValueError(
+                "The training data has no length (streamed data) and neither trainer.limit_train_batches nor "
+                "trainer.max_steps is set, so the learning-rate schedule cannot know how long training lasts. "
+                "Set trainer.limit_train_batches to the batches per epoch (examples / batch_size / devices) or "
+                "trainer.max_steps to the total number of optimizer updates."
+            )
+        total_updates = max(1, int(estimated))
+        max_epochs = trainer.max_epochs
         if max_epochs is None or max_epochs <= 0:
             return total_updates, 1
         updates_per_epoch = max(1, math.ceil(total_updates / max_epochs))
@@ -175,6 +195,15 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
     def lr_scheduler_step(self, scheduler: Any, metric: Any = None) -> None:
         """Step timm schedulers once per optimizer update."""
         scheduler.step_update(num_updates=self.global_step)
+
+    def on_predict_start(self) -> None:
+        """Warn when nothing will write the predictions (``trainer.predict`` only returns them)."""
+        if not any(isinstance(callback, BasePredictionWriter) for callback in self.trainer.callbacks):
+            rank_zero_warn(
+                f"{type(self).__name__}: no prediction writer is set, so trainer.predict only returns the "
+                "predictions (the `mambaout predict` command discards them). Set `model.predict_dir` to a folder "
+                "inside trainer.default_root_dir to write them."
+            )
 
     def configure_callbacks(self) -> list[Callback]:
         """EMA of the weights, held by a callback so the averaged copy stays out of the module tree."""
@@ -221,3 +250,13 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
             return batch[0], batch[1] if len(batch) > 1 else None
         return batch, None
 
+
+def check_trains(trainer: Any) -> None:
+    """Raise if the Trainer's limits leave no optimizer update (Lightning would finish at once, exit status 0)."""
+    if trainer.max_epochs == 0:
+        raise ValueError(
+            "trainer.max_epochs=0 trains nothing: set it to the number of epochs to train (or -1 with "
+            "trainer.max_steps for a step budget); use `validate` to only evaluate."
+        )
+    if trainer.max_steps == 0:
+        raise ValueError("trainer.max_steps=0 trains nothing: set it to the number of optimizer updates, or -1 for no limit.")

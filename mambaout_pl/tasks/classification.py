@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
@@ -16,7 +17,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from mambaout_pl.data.batches import ClassificationBatch
 from mambaout_pl.export.spec import ExportSpec, preprocessing_config
 from mambaout_pl.models import create_model
+from mambaout_pl.tasks.arguments import check_drop_path_rate
 from mambaout_pl.tasks.base import BaseTask
+from mambaout_pl.tasks.classification_outputs import ClassificationPredictionWriter
 
 
 class ClassificationTask(BaseTask):
@@ -43,6 +46,9 @@ class ClassificationTask(BaseTask):
         label_smoothing: label smoothing of the training targets.
         channels_last: run the network in channels-last memory format.
         compile: compile the network with ``torch.compile``.
+        predict_dir: folder where ``trainer.predict`` writes ``predictions.csv`` (row, file, class index,
+            class name, probability per image; see ``ClassificationPredictionWriter``); ``None``:
+            predictions are only returned.
         **kwargs: the optimizer, schedule, EMA and non-finite-loss settings of :class:`BaseTask`,
             with its defaults.
     """
@@ -66,8 +72,10 @@ class ClassificationTask(BaseTask):
         label_smoothing: float = 0.0,
         channels_last: bool = False,
         compile: bool = False,
+        predict_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
+        check_drop_path_rate(drop_path_rate)
         if label_names is not None and len(label_names) != num_classes:
             raise ValueError(
                 f"label_names has {len(label_names)} names but num_classes is {num_classes}; "
@@ -102,6 +110,18 @@ class ClassificationTask(BaseTask):
             preprocessing=preprocessing_config(data_hparams or {}, size_key="image_size"),
             dataset=(data_hparams or {}).get("path"),
         )
+
+    def configure_callbacks(self) -> list[Callback]:
+        callbacks = super().configure_callbacks()
+        if self.hparams.predict_dir is not None:
+            callbacks.append(ClassificationPredictionWriter(self.hparams.predict_dir))
+        return callbacks
+
+    def setup(self, stage: str) -> None:
+        """Refuse Mixup/CutMix with batches it cannot pair (odd sizes, or a smaller last batch)."""
+        super().setup(stage)
+        if stage == "fit" and self.mixup is not None:
+            check_mixup_batches(getattr(self.trainer, "datamodule", None), self.trainer.world_size)
 
     def configure_losses(self) -> None:
         hparams = self.hparams
@@ -176,3 +196,35 @@ class ClassificationTask(BaseTask):
         names = self.hparams.label_names
         label_name = [names[i] if names else str(i) for i in class_index.tolist()]
         return {"class_index": class_index, "probabilities": probabilities, "label_name": label_name}
+
+
+def check_mixup_batches(datamodule: Any, world_size: int = 1) -> None:
+    """Raise unless ``datamodule`` gives even training batches (timm's ``Mixup`` pairs each image with its mirror).
+
+    With ``drop_last=false`` the last batch of an epoch holds what is left; an odd remainder would
+    stop training there.
+    """
+    hparams = getattr(datamodule, "hparams", None)
+    if hparams is None or "batch_size" not in hparams:
+        return
+    batch_size, drop_last = hparams["batch_size"], hparams.get("drop_last", True)
+    if batch_size % 2:
+        raise ValueError(
+            f"Mixup/CutMix (model.mixup_alpha / model.cutmix_alpha > 0) needs an even data.batch_size, got "
+            f"{batch_size}: set data.batch_size to {batch_size + 1} or {batch_size - 1}, or turn Mixup and CutMix off."
+        )
+    if drop_last:
+        return
+    train = getattr(datamodule, "datasets", {}).get("train")
+    if isinstance(train, Sized):
+        per_device = -(-len(train) // world_size)
+        remainder = per_device % batch_size
+        if remainder % 2 == 0:
+            return
+        size = f"its last batch holds {remainder} of the {per_device} training examples per device"
+    else:
+        size = "the size of its last batch is unknown (streamed data)"
+    raise ValueError(
+        f"Mixup/CutMix (model.mixup_alpha / model.cutmix_alpha > 0) needs even batches, but with data.drop_last=false "
+        f"{size}, and training would stop there. Set data.drop_last to true."
+    )

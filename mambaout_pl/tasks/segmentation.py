@@ -17,6 +17,7 @@ from mambaout_pl.export.spec import ExportSpec, preprocessing_config
 from mambaout_pl.models.inference import INFERENCE_MODES, segment
 from mambaout_pl.models.segmentor import DECODE_HEADS, UperNetSegmentor
 from mambaout_pl.models.upernet import resize
+from mambaout_pl.tasks.arguments import check_drop_path_rate
 from mambaout_pl.tasks.base import BaseTask
 from mambaout_pl.tasks.segmentation_metrics import confusion_scores, segmentation_metrics
 from mambaout_pl.tasks.segmentation_outputs import SegmentationMaskWriter, log_pictures, overlay_panel
@@ -111,6 +112,7 @@ class SegmentationTask(BaseTask):
         predict_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
+        check_drop_path_rate(drop_path_rate)
         if label_names is not None and len(label_names) != num_classes:
             raise ValueError(
                 f"label_names has {len(label_names)} names but num_classes is {num_classes}; "
@@ -293,7 +295,7 @@ class SegmentationTask(BaseTask):
         )
         names = self.hparams.label_names or [str(index) for index in range(self.hparams.num_classes)]
         per_class = {
-            f"{stage}/IoU/{name}": iou.float() for name, iou in zip(names, scores["IoU"]) if not torch.isnan(iou)
+            f"{stage}/IoU/{name}": iou.float() for name, iou in zip(names, scores["IoU"], strict=True) if not torch.isnan(iou)
         }
         if per_class:
             self.log_dict(per_class)
@@ -304,7 +306,7 @@ class SegmentationTask(BaseTask):
     def _score_table(stage: str, names: list[str], scores: dict[str, torch.Tensor]) -> str:
         width = max(len("class"), *(len(name) for name in names))
         lines = [f"Per-class {stage} scores:", f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
-        for name, iou, accuracy in zip(names, scores["IoU"].tolist(), scores["Acc"].tolist()):
+        for name, iou, accuracy in zip(names, scores["IoU"].tolist(), scores["Acc"].tolist(), strict=True):
             lines.append(f"{name:<{width}}  {100 * iou:6.2f}  {100 * accuracy:6.2f}")
         lines.append(
             f"{'mean':<{width}}  {100 * scores['mIoU'].item():6.2f}  {100 * scores['mAcc'].item():6.2f}"
