@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
@@ -21,8 +23,14 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from mambaout_pl.errors import OutputPathError
+from mambaout_pl.models import UntrustedNameError, resolve_trusted_class, untrusted_source
 from mambaout_pl.tasks import BaseTask
-from mambaout_pl.training.checkpoint_io import AtomicCheckpointIO, ModelCheckpoint, find_last_checkpoint, read_checkpoint
+from mambaout_pl.training.checkpoint_io import (
+    AtomicCheckpointIO,
+    ModelCheckpoint,
+    find_last_checkpoint,
+    read_checkpoint,
+)
 from mambaout_pl.training.preemption import PreemptionCheckpoint
 from mambaout_pl.training.resume import saved_model_settings
 
@@ -92,7 +100,13 @@ class MambaOutCLI(LightningCLI):
         ``validate``, ``test`` and ``predict`` take the checkpoint's model settings, as Lightning
         does. ``fit`` does not (Lightning would silently replace the recipe's model settings by the
         checkpoint's): the task refuses a checkpoint whose settings differ from the recipe's.
+
+        A checkpoint is data, not code: before the parser sees its settings, every class path in
+        them must resolve through the registry's allow-list, unless the user's own config gives
+        the same value; the task is then built with the checkpoint's model names resolved the
+        same way (:func:`~mambaout_pl.models.untrusted_source`).
         """
+        self._checkpoint_source: str | None = None
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
@@ -100,11 +114,24 @@ class MambaOutCLI(LightningCLI):
         settings = saved_model_settings(read_checkpoint(ckpt_path))
         if subcommand == "fit" or settings is None:
             return
+        source = f"checkpoint '{ckpt_path}'"
+        self._user_names = frozenset(config_strings(self.config[subcommand].get("model")))
+        check_saved_class_paths(settings, self._user_names, source)
+        self._checkpoint_source = source
         try:
             self.config = self.parser.parse_object({subcommand: {"model": settings}}, self.config)
         except SystemExit:
             sys.stderr.write(f"Parsing the model settings saved in {ckpt_path} failed.\n")
             raise
+
+    def instantiate_classes(self) -> None:
+        """Build the task, data module and trainer; names that came from a checkpoint resolve as data."""
+        source = getattr(self, "_checkpoint_source", None)
+        if source is None:
+            super().instantiate_classes()
+            return
+        with untrusted_source(source, user_names=self._user_names):
+            super().instantiate_classes()
 
     def before_instantiate_classes(self) -> None:
         """Give ``checkpoint.monitor`` / ``checkpoint.mode`` left at ``auto`` the task's values."""
@@ -120,6 +147,36 @@ class MambaOutCLI(LightningCLI):
         if found is not None:
             config["ckpt_path"] = str(found)
             rank_zero_info(f"Resuming from {found}.")
+
+
+def config_strings(value: Any) -> Iterator[str]:
+    """Every string in a (parsed) config value, nested ones included."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from config_strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from config_strings(item)
+
+
+def check_saved_class_paths(settings: Any, user_names: frozenset[str], source: str, top: bool = True) -> None:
+    """Raise ``UntrustedNameError`` for a class path in a checkpoint's model settings that the allow-list
+    refuses (the task class: a :class:`BaseTask`), unless ``user_names`` (the user's own config) gives it too."""
+    if isinstance(settings, Mapping):
+        for key, value in settings.items():
+            if key in ("class_path", "_class_path") and isinstance(value, str) and value not in user_names:
+                resolve_trusted_class(value, base=BaseTask if top else None, source=source)
+            elif key in ("class_path", "_class_path") and not isinstance(value, str):
+                raise UntrustedNameError(f"{key} = {value!r} in {source} is not a class path.")
+            else:
+                check_saved_class_paths(value, user_names, source, top=False)
+    elif isinstance(settings, (list, tuple)):
+        for item in settings:
+            check_saved_class_paths(item, user_names, source, top=False)
 
 
 def follow_task_monitor(config: Any) -> None:
