@@ -16,23 +16,22 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
-from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from mambaout_pl.errors import OutputPathError
 from mambaout_pl.models import UntrustedNameError, resolve_trusted_class, untrusted_source
 from mambaout_pl.tasks import BaseTask
 from mambaout_pl.training.checkpoint_io import (
     AtomicCheckpointIO,
     ModelCheckpoint,
+    describe_last_checkpoint_folders,
     find_last_checkpoint,
     read_checkpoint,
 )
 from mambaout_pl.training.preemption import PreemptionCheckpoint
 from mambaout_pl.training.resume import saved_model_settings
+from mambaout_pl.training.run_folders import check_output_paths, reserve_log_versions
 
 #: ``checkpoint.monitor`` / ``checkpoint.mode`` value that stands for the task's ``monitor`` / ``mode``.
 TASK_DEFAULT = "auto"
@@ -79,7 +78,12 @@ class MambaOutCLI(LightningCLI):
         parser.link_arguments("data.label_names", "model.init_args.label_names", apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The Trainer, with a rich progress bar unless the config turns progress bars off or brings its own."""
+        """The Trainer, with a rich progress bar unless the config turns progress bars off or brings its own.
+
+        Every path it would write is checked to lie under ``trainer.default_root_dir``, and each
+        TensorBoard or CSV logger gets a ``version_N`` folder of its own before anything is written
+        (see :mod:`mambaout_pl.training.run_folders`), so runs started together never share one.
+        """
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer_config = config.get("trainer") or {}
         callbacks = list(trainer_config.get("callbacks") or [])
@@ -91,7 +95,9 @@ class MambaOutCLI(LightningCLI):
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             plugins.append(AtomicCheckpointIO())
         trainer = super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
-        check_output_folders(trainer, self.model)
+        check_output_paths(trainer, self.model)
+        self._root_was_new = not any(Path(trainer.default_root_dir).glob("*"))
+        reserve_log_versions(trainer)
         return trainer
 
     def _parse_ckpt_path(self) -> None:
@@ -139,7 +145,13 @@ class MambaOutCLI(LightningCLI):
         follow_task_monitor(config)
 
     def before_fit(self) -> None:
-        """Resolve ``--ckpt_path last`` across run versions (Lightning only looks in the new, empty one)."""
+        """Resolve ``--ckpt_path last`` across run versions (Lightning only looks in the new, empty one).
+
+        A ``last.ckpt`` link to a deleted checkpoint, or checkpoint folders without a ``last*.ckpt``,
+        raise :class:`~mambaout_pl.errors.CheckpointError`. With no checkpoint at all (the first
+        start of a job that is restarted with the same command) the run starts from scratch with a
+        warning naming the folders searched: a mistyped root folder shows there.
+        """
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") != "last":
             return
@@ -147,6 +159,15 @@ class MambaOutCLI(LightningCLI):
         if found is not None:
             config["ckpt_path"] = str(found)
             rank_zero_info(f"Resuming from {found}.")
+            return
+        root = Path(self.trainer.default_root_dir).resolve()
+        state = "held no earlier run" if getattr(self, "_root_was_new", False) else "holds no checkpoint"
+        rank_zero_warn(
+            f"--ckpt_path last: no checkpoint to resume in {describe_last_checkpoint_folders(self.trainer)}, and "
+            f"trainer.default_root_dir '{root}' {state}: this run starts from scratch. If you meant to continue "
+            "an earlier run, give its root folder with --trainer.default_root_dir (or its checkpoint with --ckpt_path PATH)."
+        )
+        config["ckpt_path"] = None
 
 
 def config_strings(value: Any) -> Iterator[str]:
@@ -191,32 +212,6 @@ def follow_task_monitor(config: Any) -> None:
         checkpoint["monitor"] = task_class.monitor
     if checkpoint.get("mode") == TASK_DEFAULT:
         checkpoint["mode"] = task_class.mode if checkpoint["monitor"] == task_class.monitor else "min"
-
-
-def check_output_folders(trainer: Trainer, model: Any) -> None:
-    """Refuse checkpoint, log and prediction folders outside ``trainer.default_root_dir``.
-
-    Everything a run writes stays under its root folder, so a config can neither scatter files nor
-    overwrite files elsewhere; exports go where ``mambaout export`` is told.
-    """
-    root = Path(trainer.default_root_dir).resolve()
-    folders: list[tuple[str, Any]] = []
-    for callback in trainer.callbacks:
-        if isinstance(callback, LightningModelCheckpoint) and callback.dirpath:
-            folders.append((f"{type(callback).__name__}.dirpath", callback.dirpath))
-    for logger in trainer.loggers:
-        if isinstance(logger, (TensorBoardLogger, CSVLogger)):
-            folders.append((f"{type(logger).__name__}.save_dir", logger.save_dir))
-    predict_dir = (getattr(model, "hparams", None) or {}).get("predict_dir")
-    if predict_dir:
-        folders.append(("model.predict_dir", predict_dir))
-    for key, folder in folders:
-        if not Path(folder).resolve().is_relative_to(root):
-            raise OutputPathError(
-                f"{key} = '{folder}' lies outside trainer.default_root_dir ('{root}'), and a run writes only "
-                "under its root folder. Give a folder inside it, or set --trainer.default_root_dir to a folder "
-                "that contains it."
-            )
 
 
 def run_cli(args: ArgsType = None) -> MambaOutCLI:

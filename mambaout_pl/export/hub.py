@@ -82,8 +82,11 @@ def task_from_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike 
         for key, value in checkpoint.get("hyper_parameters", {}).items()
         if not key.startswith("_") and key not in RESUME_MAY_CHANGE
     }
-    with untrusted_source(source):  # the checkpoint's model names resolve as data, nested ones included
-        task = task_class(**hparams)
+    try:
+        with untrusted_source(source):  # the checkpoint's model names resolve as data, nested ones included
+            task = task_class(**hparams)
+    except TypeError as error:
+        raise CheckpointMismatchError(f"The settings saved in '{path}' do not build {class_path}: {error}") from error
     try:
         task.load_state_dict(checkpoint["state_dict"], strict=True)
     except RuntimeError as error:

@@ -214,7 +214,14 @@ def from_pretrained(source: str | os.PathLike) -> nn.Module:
         raise FileNotFoundError(
             f"No config.json in '{folder}': give a folder written by `mambaout export` (or its Hub repo).")
     config = json.loads(config_file.read_text())
+    label = f"'{config_file}'" + (f" (of {source})" if str(source).startswith(HF_HUB_PREFIX) else "")
     if "architecture" in config:
+        architecture = config["architecture"]
+        if not isinstance(architecture, str) or ":" in architecture or not timm.is_model(architecture):
+            raise UnknownModelError(
+                f"{label} names architecture {architecture!r}, which is not a timm model: a timm-format export is "
+                "built only from timm's own models (timm.list_models()), so loading it never runs code it names."
+            )
         return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     name = config.get("model_name")
     if not isinstance(name, str):
@@ -222,7 +229,7 @@ def from_pretrained(source: str | os.PathLike) -> nn.Module:
     model_args = config.get("model_args", {})
     if not isinstance(model_args, dict):
         raise CheckpointError(f"'{config_file}': model_args must be a JSON object, got {type(model_args).__name__}.")
-    with untrusted_source(f"'{config_file}'"):
+    with untrusted_source(label):
         model = create_model(name, **model_args)
     return load_pretrained(model, folder, strict=True).eval()
 
