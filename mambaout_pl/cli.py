@@ -96,7 +96,7 @@ class MambaOutCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         trainer = super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
         check_output_paths(trainer, self.model)
-        self._root_was_new = not any(Path(trainer.default_root_dir).glob("*"))
+        self._last_checkpoint = self._resolve_last_checkpoint(trainer)
         reserve_log_versions(trainer)
         return trainer
 
@@ -144,30 +144,38 @@ class MambaOutCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         follow_task_monitor(config)
 
-    def before_fit(self) -> None:
-        """Resolve ``--ckpt_path last`` across run versions (Lightning only looks in the new, empty one).
+    def _resolve_last_checkpoint(self, trainer: Trainer) -> Path | None:
+        """For ``fit --ckpt_path last``: the newest ``last*.ckpt`` of any run version under the root, or None
+        (with a warning) when there is no checkpoint at all; found before this run creates its folder.
 
         A ``last.ckpt`` link to a deleted checkpoint, or checkpoint folders without a ``last*.ckpt``,
         raise :class:`~mambaout_pl.errors.CheckpointError`. With no checkpoint at all (the first
         start of a job that is restarted with the same command) the run starts from scratch with a
         warning naming the folders searched: a mistyped root folder shows there.
         """
+        if self.subcommand != "fit" or self.config_init[self.subcommand].get("ckpt_path") != "last":
+            return None
+        found = find_last_checkpoint(trainer)
+        if found is None:
+            root = Path(trainer.default_root_dir).resolve()
+            state = "exists but holds no checkpoint" if root.is_dir() else "does not exist"
+            rank_zero_warn(
+                f"--ckpt_path last: no checkpoint to resume in {describe_last_checkpoint_folders(trainer)}, and "
+                f"trainer.default_root_dir '{root}' {state}: this run starts from scratch. If you meant to continue "
+                "an earlier run, give its root folder with --trainer.default_root_dir (or its checkpoint with "
+                "--ckpt_path PATH)."
+            )
+        return found
+
+    def before_fit(self) -> None:
+        """Resolve ``--ckpt_path last`` across run versions (Lightning only looks in the new, empty one)."""
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") != "last":
             return
-        found = find_last_checkpoint(self.trainer)
+        found = getattr(self, "_last_checkpoint", None)
+        config["ckpt_path"] = None if found is None else str(found)
         if found is not None:
-            config["ckpt_path"] = str(found)
             rank_zero_info(f"Resuming from {found}.")
-            return
-        root = Path(self.trainer.default_root_dir).resolve()
-        state = "held no earlier run" if getattr(self, "_root_was_new", False) else "holds no checkpoint"
-        rank_zero_warn(
-            f"--ckpt_path last: no checkpoint to resume in {describe_last_checkpoint_folders(self.trainer)}, and "
-            f"trainer.default_root_dir '{root}' {state}: this run starts from scratch. If you meant to continue "
-            "an earlier run, give its root folder with --trainer.default_root_dir (or its checkpoint with --ckpt_path PATH)."
-        )
-        config["ckpt_path"] = None
 
 
 def config_strings(value: Any) -> Iterator[str]:
