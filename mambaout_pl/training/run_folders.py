@@ -99,7 +99,7 @@ def reserve_log_versions(trainer: Trainer) -> None:
                     break
                 except FileExistsError:
                     version += 1
-        logger._version = version
+        logger._version = version  # where Lightning's loggers keep the version they write to
 
 
 def _logger_paths(logger: TensorBoardLogger | CSVLogger) -> Iterator[tuple[str, Any, Path]]:
