@@ -9,23 +9,30 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
-from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from mambaout_pl.errors import OutputPathError
 from mambaout_pl import __version__
+from mambaout_pl.models import UntrustedNameError, resolve_trusted_class, untrusted_source
 from mambaout_pl.tasks import BaseTask
-from mambaout_pl.training.checkpoint_io import AtomicCheckpointIO, ModelCheckpoint, find_last_checkpoint, read_checkpoint
+from mambaout_pl.training.checkpoint_io import (
+    AtomicCheckpointIO,
+    ModelCheckpoint,
+    describe_last_checkpoint_folders,
+    find_last_checkpoint,
+    read_checkpoint,
+)
 from mambaout_pl.training.preemption import PreemptionCheckpoint
 from mambaout_pl.training.resume import saved_model_settings
+from mambaout_pl.training.run_folders import check_output_paths, reserve_log_versions
 
 #: ``checkpoint.monitor`` / ``checkpoint.mode`` value that stands for the task's ``monitor`` / ``mode``.
 TASK_DEFAULT = "auto"
@@ -72,7 +79,12 @@ class MambaOutCLI(LightningCLI):
         parser.link_arguments("data.label_names", "model.init_args.label_names", apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The Trainer, with a rich progress bar unless the config turns progress bars off or brings its own."""
+        """The Trainer, with a rich progress bar unless the config turns progress bars off or brings its own.
+
+        Every path it would write is checked to lie under ``trainer.default_root_dir``, and each
+        TensorBoard or CSV logger gets a ``version_N`` folder of its own before anything is written
+        (see :mod:`mambaout_pl.training.run_folders`), so runs started together never share one.
+        """
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer_config = config.get("trainer") or {}
         callbacks = list(trainer_config.get("callbacks") or [])
@@ -84,7 +96,9 @@ class MambaOutCLI(LightningCLI):
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             plugins.append(AtomicCheckpointIO())
         trainer = super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
-        check_output_folders(trainer, self.model)
+        check_output_paths(trainer, self.model)
+        self._last_checkpoint = self._resolve_last_checkpoint(trainer)
+        reserve_log_versions(trainer)
         return trainer
 
     def _parse_ckpt_path(self) -> None:
@@ -93,7 +107,13 @@ class MambaOutCLI(LightningCLI):
         ``validate``, ``test`` and ``predict`` take the checkpoint's model settings, as Lightning
         does. ``fit`` does not (Lightning would silently replace the recipe's model settings by the
         checkpoint's): the task refuses a checkpoint whose settings differ from the recipe's.
+
+        A checkpoint is data, not code: before the parser sees its settings, every class path in
+        them must resolve through the registry's allow-list, unless the user's own config gives
+        the same value; the task is then built with the checkpoint's model names resolved the
+        same way (:func:`~mambaout_pl.models.untrusted_source`).
         """
+        self._checkpoint_source: str | None = None
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
@@ -101,26 +121,92 @@ class MambaOutCLI(LightningCLI):
         settings = saved_model_settings(read_checkpoint(ckpt_path))
         if subcommand == "fit" or settings is None:
             return
+        source = f"checkpoint '{ckpt_path}'"
+        self._user_names = frozenset(config_strings(self.config[subcommand].get("model")))
+        check_saved_class_paths(settings, self._user_names, source)
+        self._checkpoint_source = source
         try:
             self.config = self.parser.parse_object({subcommand: {"model": settings}}, self.config)
         except SystemExit:
             sys.stderr.write(f"Parsing the model settings saved in {ckpt_path} failed.\n")
             raise
 
+    def instantiate_classes(self) -> None:
+        """Build the task, data module and trainer; names that came from a checkpoint resolve as data."""
+        source = getattr(self, "_checkpoint_source", None)
+        if source is None:
+            super().instantiate_classes()
+            return
+        with untrusted_source(source, user_names=self._user_names):
+            super().instantiate_classes()
+
     def before_instantiate_classes(self) -> None:
         """Give ``checkpoint.monitor`` / ``checkpoint.mode`` left at ``auto`` the task's values."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         follow_task_monitor(config)
+
+    def _resolve_last_checkpoint(self, trainer: Trainer) -> Path | None:
+        """For ``fit --ckpt_path last``: the newest ``last*.ckpt`` of any run version under the root, or None
+        (with a warning) when there is no checkpoint at all; found before this run creates its folder.
+
+        A ``last.ckpt`` link to a deleted checkpoint, or checkpoint folders without a ``last*.ckpt``,
+        raise :class:`~mambaout_pl.errors.CheckpointError`. With no checkpoint at all (the first
+        start of a job that is restarted with the same command) the run starts from scratch with a
+        warning naming the folders searched: a mistyped root folder shows there.
+        """
+        if self.subcommand != "fit" or self.config_init[self.subcommand].get("ckpt_path") != "last":
+            return None
+        found = find_last_checkpoint(trainer)
+        if found is None:
+            root = Path(trainer.default_root_dir).resolve()
+            state = "exists but holds no checkpoint" if root.is_dir() else "does not exist"
+            rank_zero_warn(
+                f"--ckpt_path last: no checkpoint to resume in {describe_last_checkpoint_folders(trainer)}, and "
+                f"trainer.default_root_dir '{root}' {state}: this run starts from scratch. If you meant to continue "
+                "an earlier run, give its root folder with --trainer.default_root_dir (or its checkpoint with "
+                "--ckpt_path PATH)."
+            )
+        return found
 
     def before_fit(self) -> None:
         """Resolve ``--ckpt_path last`` across run versions (Lightning only looks in the new, empty one)."""
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") != "last":
             return
-        found = find_last_checkpoint(self.trainer)
+        found = getattr(self, "_last_checkpoint", None)
+        config["ckpt_path"] = None if found is None else str(found)
         if found is not None:
-            config["ckpt_path"] = str(found)
             rank_zero_info(f"Resuming from {found}.")
+
+
+def config_strings(value: Any) -> Iterator[str]:
+    """Every string in a (parsed) config value, nested ones included."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from config_strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from config_strings(item)
+
+
+def check_saved_class_paths(settings: Any, user_names: frozenset[str], source: str, top: bool = True) -> None:
+    """Raise ``UntrustedNameError`` for a class path in a checkpoint's model settings that the allow-list
+    refuses (the task class: a :class:`BaseTask`), unless ``user_names`` (the user's own config) gives it too."""
+    if isinstance(settings, Mapping):
+        for key, value in settings.items():
+            if key in ("class_path", "_class_path") and isinstance(value, str) and value not in user_names:
+                resolve_trusted_class(value, base=BaseTask if top else None, source=source)
+            elif key in ("class_path", "_class_path") and not isinstance(value, str):
+                raise UntrustedNameError(f"{key} = {value!r} in {source} is not a class path.")
+            else:
+                check_saved_class_paths(value, user_names, source, top=False)
+    elif isinstance(settings, (list, tuple)):
+        for item in settings:
+            check_saved_class_paths(item, user_names, source, top=False)
 
 
 def follow_task_monitor(config: Any) -> None:
@@ -135,32 +221,6 @@ def follow_task_monitor(config: Any) -> None:
         checkpoint["monitor"] = task_class.monitor
     if checkpoint.get("mode") == TASK_DEFAULT:
         checkpoint["mode"] = task_class.mode if checkpoint["monitor"] == task_class.monitor else "min"
-
-
-def check_output_folders(trainer: Trainer, model: Any) -> None:
-    """Refuse checkpoint, log and prediction folders outside ``trainer.default_root_dir``.
-
-    Everything a run writes stays under its root folder, so a config can neither scatter files nor
-    overwrite files elsewhere; exports go where ``mambaout export`` is told.
-    """
-    root = Path(trainer.default_root_dir).resolve()
-    folders: list[tuple[str, Any]] = []
-    for callback in trainer.callbacks:
-        if isinstance(callback, LightningModelCheckpoint) and callback.dirpath:
-            folders.append((f"{type(callback).__name__}.dirpath", callback.dirpath))
-    for logger in trainer.loggers:
-        if isinstance(logger, (TensorBoardLogger, CSVLogger)):
-            folders.append((f"{type(logger).__name__}.save_dir", logger.save_dir))
-    predict_dir = (getattr(model, "hparams", None) or {}).get("predict_dir")
-    if predict_dir:
-        folders.append(("model.predict_dir", predict_dir))
-    for key, folder in folders:
-        if not Path(folder).resolve().is_relative_to(root):
-            raise OutputPathError(
-                f"{key} = '{folder}' lies outside trainer.default_root_dir ('{root}'), and a run writes only "
-                "under its root folder. Give a folder inside it, or set --trainer.default_root_dir to a folder "
-                "that contains it."
-            )
 
 
 def run_cli(args: ArgsType = None) -> MambaOutCLI:

@@ -24,7 +24,11 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class OutputPathError(ValueError):
-    """A folder from the config that the run would write to lies outside ``trainer.default_root_dir``."""
+    """A path from the config that the run would write to lies outside ``trainer.default_root_dir``."""
+
+
+class OutputWriteError(OSError):
+    """A file or folder cannot be written at its target: no space, no permission, or a file where a folder should be."""
 
 
 class ExportError(ValueError):

@@ -13,11 +13,10 @@ from helpers import small_run_args
 from lightning.pytorch import Trainer
 from safetensors.torch import load_file
 
-from mambaout_pl.export import hub
 from mambaout_pl.cli import main
+from mambaout_pl.export import ExportSpec, hub
 from mambaout_pl.hub import ExportError, export_checkpoint, push_checkpoint
-from mambaout_pl.models import create_model, from_pretrained
-from mambaout_pl.export import ExportSpec
+from mambaout_pl.models import create_model, from_pretrained, registry
 from mambaout_pl.tasks import BaseTask, ClassificationTask
 
 QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
@@ -44,7 +43,7 @@ def test_classifier_exports_in_timm_format_with_ema_weights(image_folder: Path, 
     checkpoint_path = fit_checkpoint(tmp_path / "run", image_folder, "--model.ema_decay=0.5")
     export = export_checkpoint(checkpoint_path, tmp_path / "export")
 
-    assert sorted(p.name for p in export.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in export.iterdir()) == ["README.md", "config.json", "export_manifest.json", "model.safetensors"]
     config = json.loads((export / "config.json").read_text())
     assert config["architecture"] == "mambaout_femto"
     assert config["num_classes"] == 3
@@ -128,23 +127,29 @@ def test_export_keeps_an_existing_folder_and_never_half_writes(image_folder: Pat
     target = tmp_path / "export"
     target.mkdir()
     (target / "notes.txt").write_text("mine")
-    with pytest.raises(ExportError, match="exists and is not empty; pass --overwrite"):
-        export_checkpoint(checkpoint_path, target)
+    for overwrite in (False, True):
+        with pytest.raises(ExportError, match=r"not empty and is not an earlier export .* holds 1 entries \('notes.txt'\)"):
+            export_checkpoint(checkpoint_path, target, overwrite=overwrite)
     assert (target / "notes.txt").read_text() == "mine"
+    (target / "notes.txt").unlink()
+    export_checkpoint(checkpoint_path, target)
+    with pytest.raises(ExportError, match="holds an earlier export; pass --overwrite"):
+        export_checkpoint(checkpoint_path, target)
+    earlier = {p.name: p.read_bytes() for p in target.iterdir()}
 
     def fail_midway(task, checkpoint, path, folder):
         (folder / "model.safetensors").write_bytes(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(hub, "write_export", fail_midway)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match=f"Cannot write '{target}' \\(disk full\\)"):
         export_checkpoint(checkpoint_path, target, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "run"]  # no staging folder left
-    assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == earlier
 
     monkeypatch.undo()
     export_checkpoint(checkpoint_path, target, overwrite=True)
-    assert sorted(p.name for p in target.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in target.iterdir()) == ["README.md", "config.json", "export_manifest.json", "model.safetensors"]
 
 
 class RecordingHfApi:
@@ -262,7 +267,7 @@ class FeatureTask(BaseTask):
         )
 
 
-def test_a_new_task_exports_through_its_export_spec_alone(tmp_path: Path) -> None:
+def test_a_new_task_exports_through_its_export_spec_alone(tmp_path: Path, monkeypatch, capsys) -> None:
     task = FeatureTask(backbone_args=json.loads(TINY_MAMBAOUT), lr=0.01)
     trainer = Trainer(
         default_root_dir=tmp_path, accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
@@ -273,7 +278,10 @@ def test_a_new_task_exports_through_its_export_spec_alone(tmp_path: Path) -> Non
     trainer.save_checkpoint(checkpoint_path)
     assert torch.load(checkpoint_path, weights_only=True)["mambaout_pl"]["task"] == "test_hub.FeatureTask"
 
-    assert main(["export", str(checkpoint_path), str(tmp_path / "export")]) == 0
+    monkeypatch.setattr(registry, "_ALLOWED_PATHS", set())
+    assert main(["export", str(checkpoint_path), str(tmp_path / "export")]) == 2  # a checkpoint names no code of its own
+    assert "Refusing 'test_hub.FeatureTask'" in capsys.readouterr().err and not (tmp_path / "export").exists()
+    assert main(["export", str(checkpoint_path), str(tmp_path / "export"), "--allow-import-path=test_hub.FeatureTask"]) == 0
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert config["task"] == "test_hub.FeatureTask" and config["model_args"]["num_classes"] == 0
     assert "pipeline_tag: image-feature-extraction" in (tmp_path / "export" / "README.md").read_text()

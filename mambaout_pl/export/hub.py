@@ -15,7 +15,6 @@ backbone with another token mixer) is written in mambaout-pl's format: ``config.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -37,6 +36,13 @@ from mambaout_pl import __version__
 from mambaout_pl.errors import CheckpointError, CheckpointMismatchError, ExportError
 from mambaout_pl.export.model_card import model_card
 from mambaout_pl.export.spec import ExportSpec
+from mambaout_pl.models import (
+    UnknownModelError,
+    UntrustedNameError,
+    allow_import_path,
+    resolve_trusted_class,
+    untrusted_source,
+)
 from mambaout_pl.tasks.base import BaseTask
 from mambaout_pl.training.atomic import staged_folder
 from mambaout_pl.training.checkpoint_io import read_checkpoint
@@ -59,23 +65,28 @@ def read_task_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def task_from_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike = "checkpoint") -> BaseTask:
     """Rebuild the task a checkpoint came from, with its weights (EMA weights when EMA was on).
 
+    The checkpoint is data: its task class and the model names in its settings resolve only
+    through the registry's allow-list (:func:`~mambaout_pl.models.resolve_trusted_class`).
+
     Settings a resumed run may change (``RESUME_MAY_CHANGE``: ``pretrained``, ``compile``) take the
     task's defaults: the weights come from the checkpoint, and the network is not compiled.
     """
+    source = f"checkpoint '{path}'"
     class_path = checkpoint[CHECKPOINT_KEY]["task"]
-    module_name, _, class_name = class_path.rpartition(".")
     try:
-        task_class = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as error:
+        task_class = resolve_trusted_class(class_path, base=BaseTask, source=source)
+    except UnknownModelError as error:
         raise CheckpointError(f"'{path}' was written by task {class_path}, which cannot be imported here.") from error
-    if not (isinstance(task_class, type) and issubclass(task_class, BaseTask)):
-        raise CheckpointError(f"'{path}' names {class_path}, which is not a mambaout-pl task.")
     hparams = {
         key: value
         for key, value in checkpoint.get("hyper_parameters", {}).items()
         if not key.startswith("_") and key not in RESUME_MAY_CHANGE
     }
-    task = task_class(**hparams)
+    try:
+        with untrusted_source(source):  # the checkpoint's model names resolve as data, nested ones included
+            task = task_class(**hparams)
+    except TypeError as error:
+        raise CheckpointMismatchError(f"The settings saved in '{path}' do not build {class_path}: {error}") from error
     try:
         task.load_state_dict(checkpoint["state_dict"], strict=True)
     except RuntimeError as error:
@@ -86,23 +97,80 @@ def task_from_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike 
 # -- export ---------------------------------------------------------------------------------------
 
 
+#: The file an export writes last, listing every file it wrote: what ``--overwrite`` may replace.
+EXPORT_MANIFEST = "export_manifest.json"
+
+
 def export_checkpoint(checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a Hub folder for a task checkpoint; returns the folder.
 
     The folder is written beside the target under a temporary name and renamed into place, so a
     failed export leaves nothing half-written. An existing non-empty folder is replaced only with
-    ``overwrite=True``.
+    ``overwrite=True``, and only when it is an earlier export holding nothing else (see
+    :func:`check_export_target`).
     """
     target = Path(output_dir)
-    if target.exists() and not target.is_dir():
-        raise ExportError(f"Export target '{target}' is a file; give a folder path.")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ExportError(f"Export target '{target}' exists and is not empty; pass --overwrite to replace it.")
+    check_export_target(target, overwrite)
     checkpoint = read_task_checkpoint(checkpoint_path)
     task = task_from_checkpoint(checkpoint, checkpoint_path)
     with staged_folder(target, replace=True) as staging:
         write_export(task, checkpoint, Path(checkpoint_path), staging)
+        manifest = {"library_name": "mambaout-pl", "files": sorted([p.name for p in staging.iterdir()] + [EXPORT_MANIFEST])}
+        (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
     return target
+
+
+def check_export_target(target: Path, overwrite: bool) -> None:
+    """Refuse an export target that is a link or a file, and one whose content an export would lose.
+
+    A folder is replaced only with ``overwrite`` and only when it is an earlier export (it has the
+    :data:`EXPORT_MANIFEST` an export writes) holding nothing but the files that export listed:
+    never a run folder with checkpoints, nor anything else the export did not write.
+    """
+    if target.is_symlink():
+        raise ExportError(
+            f"Export target '{target}' is a symbolic link to '{os.readlink(target)}'. An export replaces its "
+            f"folder in one rename, which would replace the link: give the folder it points to "
+            f"('{target.resolve()}') or another path."
+        )
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"Export target '{target}' is a file; give a folder path.")
+    contents = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in target.iterdir()) if target.is_dir() else []
+    if not contents:
+        return
+    listed = _listed_export_files(target)
+    if listed is None:
+        raise ExportError(
+            f"Export target '{target}' is not empty and is not an earlier export (it has no {EXPORT_MANIFEST}): it "
+            f"holds {_summary(contents)}. `mambaout export` never replaces such a folder, --overwrite included; "
+            "give a new or empty folder."
+        )
+    foreign = [name for name in contents if name.rstrip("/") not in listed]
+    if foreign:
+        raise ExportError(
+            f"Export target '{target}' holds an earlier export and {_summary(foreign)}, which that export did not "
+            "write. Move them away or give another folder; --overwrite replaces only what an export wrote."
+        )
+    if not overwrite:
+        raise ExportError(f"Export target '{target}' holds an earlier export; pass --overwrite to replace it.")
+
+
+def _listed_export_files(folder: Path) -> set[str] | None:
+    """The file names an earlier export in ``folder`` listed in its manifest, or None when it has none."""
+    try:
+        manifest = json.loads((folder / EXPORT_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        return None
+    return set(files)
+
+
+def _summary(names: list[str], shown: int = 8) -> str:
+    checkpoints = [name for name in names if name.endswith(".ckpt") or name.rstrip("/") == "checkpoints"]
+    text = ", ".join(f"'{name}'" for name in names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    return f"{len(names)} entries ({text})" + (" including checkpoints" if checkpoints else "")
 
 
 def write_export(task: BaseTask, checkpoint: dict[str, Any], checkpoint_path: Path, folder: Path) -> str:
@@ -179,6 +247,7 @@ def push_checkpoint(
     api = api or HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="mambaout-push-") as staging:
         folder = export_checkpoint(checkpoint_path, Path(staging) / "export")
+        (folder / EXPORT_MANIFEST).unlink()  # local bookkeeping for --overwrite, not part of the published model
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
@@ -223,15 +292,17 @@ class PushToHubCallback(Callback):
 
 
 def export_main(argv: list[str]) -> int:
-    """``mambaout export CKPT DIR [--overwrite]``."""
+    """``mambaout export CKPT DIR [--overwrite] [--allow-import-path PATH ...]``."""
     parser = argparse.ArgumentParser(prog="mambaout export", description="Export a task checkpoint to a Hub folder.")
     parser.add_argument("checkpoint", help="a .ckpt written by `mambaout fit`")
     parser.add_argument("output_dir", help="folder to write (config.json, model.safetensors, README.md)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in output_dir")
+    _add_allow_argument(parser)
     args = parser.parse_args(argv)
     try:
+        allow_import_path(*args.allow_import_path)
         folder = export_checkpoint(args.checkpoint, args.output_dir, overwrite=args.overwrite)
-    except (ExportError, CheckpointError, FileNotFoundError) as error:
+    except (ExportError, CheckpointError, FileNotFoundError, UntrustedNameError, UnknownModelError, OSError) as error:
         print(f"mambaout export: error: {error}", file=sys.stderr)
         return 2
     print(f"Exported {args.checkpoint} to {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}")
@@ -239,18 +310,31 @@ def export_main(argv: list[str]) -> int:
 
 
 def push_main(argv: list[str]) -> int:
-    """``mambaout push CKPT --repo-id USER/NAME [--private] [--revision R] [--commit-message M]``."""
+    """``mambaout push CKPT --repo-id USER/NAME [--private] [--revision R] [--commit-message M] [--allow-import-path PATH ...]``."""
     parser = argparse.ArgumentParser(prog="mambaout push", description="Export a task checkpoint and upload it.")
     parser.add_argument("checkpoint", help="a .ckpt written by `mambaout fit`")
     parser.add_argument("--repo-id", required=True, help="the Hub model repo, user/name")
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.add_argument("--revision", default=None, help="branch to push to (created if missing)")
     parser.add_argument("--commit-message", default=None)
+    _add_allow_argument(parser)
     args = parser.parse_args(argv)
     try:
+        allow_import_path(*args.allow_import_path)
         url = push_checkpoint(args.checkpoint, args.repo_id, args.private, args.revision, args.commit_message)
-    except (ExportError, CheckpointError, FileNotFoundError) as error:
+    except (ExportError, CheckpointError, FileNotFoundError, UntrustedNameError, UnknownModelError, OSError) as error:
         print(f"mambaout push: error: {error}", file=sys.stderr)
         return 2
     print(f"Pushed {args.checkpoint} to {url}")
     return 0
+
+
+def _add_allow_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-import-path",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a class or module of your own that the checkpoint may name (its task or network), e.g. my_pkg.tasks.MyTask; "
+        "anything else a checkpoint names resolves only against mambaout-pl's and timm's models",
+    )

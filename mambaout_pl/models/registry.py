@@ -15,9 +15,10 @@ import inspect
 import json
 import os
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, NamedTuple, Optional, TypeVar, Union, overload
+from typing import Any, Literal, NamedTuple, TypeVar, overload
 
 import timm
 from torch import nn
@@ -43,7 +44,9 @@ ModelFactory = TypeVar("ModelFactory", bound=Callable[..., nn.Module])
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _ALLOWED_PATHS: set[str] = set()
 # What the names being resolved come from when it is a file the user does not control; None: the user's own code.
-_UNTRUSTED_SOURCE: ContextVar[Optional[str]] = ContextVar("mambaout_pl_untrusted_source", default=None)
+_UNTRUSTED_SOURCE: ContextVar[str | None] = ContextVar("mambaout_pl_untrusted_source", default=None)
+# Names inside an untrusted block that the user's own config also gives: they resolve as in the user's code.
+_USER_NAMES: ContextVar[frozenset[str]] = ContextVar("mambaout_pl_user_names", default=frozenset())
 _OWN_PACKAGE = "mambaout_pl"
 
 
@@ -67,7 +70,7 @@ def register_model(factory: ModelFactory) -> ModelFactory: ...
 
 
 @overload
-def register_model(factory: Optional[str] = None, *, name: Optional[str] = None) -> Callable[[ModelFactory], ModelFactory]: ...
+def register_model(factory: str | None = None, *, name: str | None = None) -> Callable[[ModelFactory], ModelFactory]: ...
 
 
 def register_model(factory=None, *, name=None):
@@ -94,7 +97,7 @@ def register_model(factory=None, *, name=None):
     return _register if factory is None else _register(factory)
 
 
-def list_models(pattern: Optional[str] = None) -> list[str]:
+def list_models(pattern: str | None = None) -> list[str]:
     """Names of the registered models (ours and user-registered), sorted, filtered by a glob pattern."""
     names = sorted(_MODELS)
     if pattern:
@@ -103,15 +106,19 @@ def list_models(pattern: Optional[str] = None) -> list[str]:
 
 
 @contextlib.contextmanager
-def untrusted_source(source: str) -> Iterator[None]:
+def untrusted_source(source: str, user_names: Iterable[str] = ()) -> Iterator[None]:
     """Resolve every model and class name inside the block as read from `source`, a file the user does not control.
 
     Covers nested look-ups too (a segmentor building its backbone by name), in this thread or task.
+    `user_names` are names the user's own config gives as well (e.g. a recipe's backbone class path
+    that a checkpoint repeats): they resolve as in the user's own code.
     """
     token = _UNTRUSTED_SOURCE.set(source)
+    names_token = _USER_NAMES.set(frozenset(name for name in user_names if isinstance(name, str)))
     try:
         yield
     finally:
+        _USER_NAMES.reset(names_token)
         _UNTRUSTED_SOURCE.reset(token)
 
 
@@ -124,7 +131,7 @@ def allow_import_path(*paths: str) -> None:
         _ALLOWED_PATHS.add(path)
 
 
-def resolve_trusted_class(path: str, base: Optional[type] = None, source: Optional[str] = None) -> type:
+def resolve_trusted_class(path: str, base: type | None = None, source: str | None = None) -> type:
     """The class at `path`, a name read from `source` (a file): a class of `mambaout_pl`, a subclass of `base`
     in an allow-listed module, or an allow-listed path. Anything else raises `UntrustedNameError` without
     importing it."""
@@ -165,7 +172,7 @@ def resolve_model(name: str) -> ResolvedModel:
                 factory = functools.partial(factory, pretrained_cfg=name.split(".", 1)[1])
             return ResolvedModel("registered", factory)
     source = _UNTRUSTED_SOURCE.get()
-    if source is not None:
+    if source is not None and name not in _USER_NAMES.get():
         return _resolve_untrusted(name, base_name, source)
 
     factory = _import_factory(name)
@@ -178,7 +185,7 @@ def resolve_model(name: str) -> ResolvedModel:
 
 def create_model(
         name: str,
-        pretrained: Optional[Union[str, os.PathLike]] = None,
+        pretrained: str | os.PathLike | None = None,
         **kwargs: Any,
 ) -> nn.Module:
     """Build a model by name (see `resolve_model`), then load `pretrained` weights if given: a checkpoint
@@ -205,7 +212,7 @@ def create_model(
     return model
 
 
-def from_pretrained(source: Union[str, os.PathLike]) -> nn.Module:
+def from_pretrained(source: str | os.PathLike) -> nn.Module:
     """Build a model exported by `mambaout export` (a local folder or `hf-hub:user/repo`) and load it strictly.
 
     timm-format folders (`config.json` with `architecture`) are built by timm; mambaout-pl-format
@@ -218,7 +225,14 @@ def from_pretrained(source: Union[str, os.PathLike]) -> nn.Module:
         raise FileNotFoundError(
             f"No config.json in '{folder}': give a folder written by `mambaout export` (or its Hub repo).")
     config = json.loads(config_file.read_text())
+    label = f"'{config_file}'" + (f" (of {source})" if str(source).startswith(HF_HUB_PREFIX) else "")
     if "architecture" in config:
+        architecture = config["architecture"]
+        if not isinstance(architecture, str) or ":" in architecture or not timm.is_model(architecture):
+            raise UnknownModelError(
+                f"{label} names architecture {architecture!r}, which is not a timm model: a timm-format export is "
+                "built only from timm's own models (timm.list_models()), so loading it never runs code it names."
+            )
         return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     name = config.get("model_name")
     if not isinstance(name, str):
@@ -226,7 +240,7 @@ def from_pretrained(source: Union[str, os.PathLike]) -> nn.Module:
     model_args = config.get("model_args", {})
     if not isinstance(model_args, dict):
         raise CheckpointError(f"'{config_file}': model_args must be a JSON object, got {type(model_args).__name__}.")
-    with untrusted_source(f"'{config_file}'"):
+    with untrusted_source(label):
         model = create_model(name, **model_args)
     return load_pretrained(model, folder, strict=True).eval()
 
@@ -293,7 +307,7 @@ def _import_attribute(path: str) -> Any:
     return getattr(module, attr)
 
 
-def _import_factory(path: str) -> Optional[Callable[..., nn.Module]]:
+def _import_factory(path: str) -> Callable[..., nn.Module] | None:
     """The callable at a dotted path, or None if the module does not exist."""
     factory = _import_attribute(path)
     if factory is not None and not callable(factory):
@@ -309,7 +323,10 @@ def _untrusted_message(value: Any, source: str) -> str:
     )
     if isinstance(value, str) and ":" in value:
         return message + "A prefixed name (hf-hub:, local-dir:) is built only when your own code names it."
-    return message + f"If you trust it, allow it in your own code before loading: mambaout_pl.models.allow_import_path({value!r})."
+    return message + (
+        f"If you trust it, allow it in your own code before loading: mambaout_pl.models.allow_import_path({value!r}) "
+        f"(`mambaout export` and `mambaout push`: --allow-import-path {value})."
+    )
 
 
 def _unknown_model_message(name: str) -> str:

@@ -4,6 +4,8 @@ from mambaout_pl.errors import (
     CheckpointError,
     CheckpointMismatchError,
     NonFiniteLossError,
+    OutputPathError,
+    OutputWriteError,
     UnsafeCheckpointError,
 )
 from mambaout_pl.training.atomic import (
@@ -17,6 +19,7 @@ from mambaout_pl.training.checkpoint_io import (
     ModelCheckpoint,
     find_last_checkpoint,
     last_checkpoint_candidates,
+    last_checkpoint_folders,
     read_checkpoint,
 )
 from mambaout_pl.training.nonfinite import NONFINITE_LOSS_MODES, NonFiniteLossMixin
@@ -30,6 +33,7 @@ from mambaout_pl.training.resume import (
     rng_states,
     set_rng_states,
 )
+from mambaout_pl.training.run_folders import check_output_paths, reserve_log_versions
 
 __all__ = [
     "CHECKPOINT_KEY",
@@ -42,16 +46,21 @@ __all__ = [
     "ModelCheckpoint",
     "NonFiniteLossError",
     "NonFiniteLossMixin",
+    "OutputPathError",
+    "OutputWriteError",
     "PreemptionCheckpoint",
     "UnsafeCheckpointError",
     "atomic_symlink",
     "atomic_torch_save",
     "atomic_write",
     "check_checkpoint_fits",
+    "check_output_paths",
     "differing_hyperparameters",
     "find_last_checkpoint",
     "last_checkpoint_candidates",
+    "last_checkpoint_folders",
     "read_checkpoint",
+    "reserve_log_versions",
     "rng_states",
     "set_rng_states",
     "staged_folder",

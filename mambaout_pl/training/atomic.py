@@ -1,7 +1,12 @@
-"""Files and folders that are never half-written: write beside the target, flush to disk, rename."""
+"""Files and folders that are never half-written: write beside the target, flush to disk, rename.
+
+A failure to write (no space left, a read-only folder, a file where a folder should be) raises
+:class:`~mambaout_pl.errors.OutputWriteError` naming the target, never the temporary file beside it.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -13,6 +18,8 @@ from typing import IO, Any
 
 import torch
 
+from mambaout_pl.errors import OutputWriteError
+
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, ``fsync`` it and rename it onto ``path``.
@@ -21,18 +28,19 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     file beside it; a failure removes the temporary file. The file gets the permissions of one made
     with the user's umask.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o666 & ~umask())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with naming_target(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                write(file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.chmod(temporary, 0o666 & ~umask())
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
     fsync_folder(path.parent)
 
 
@@ -58,25 +66,72 @@ def staged_folder(target: Path, replace: bool = False) -> Iterator[Path]:
     existing ``target`` (e.g. written meanwhile by another process) is kept and the staged copy
     dropped; with ``replace=True`` it is swapped out and removed.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
+    with naming_target(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
     try:
-        yield staging
-        staging.chmod(0o777 & ~umask())  # mkdtemp makes 0700
-        if replace and target.exists():
-            retired = target.with_name(f".{target.name}.replaced-{uuid.uuid4().hex[:8]}")
-            target.rename(retired)
-            staging.rename(target)
-            shutil.rmtree(retired)
-        else:
-            try:
+        with naming_target(target):
+            yield staging
+            staging.chmod(0o777 & ~umask())  # mkdtemp makes 0700
+            if replace and target.exists():
+                retired = target.with_name(f".{target.name}.replaced-{uuid.uuid4().hex[:8]}")
+                target.rename(retired)
                 staging.rename(target)
-            except OSError:
-                if not target.is_dir():  # not another process winning the race: a real failure
-                    raise
+                shutil.rmtree(retired)
+            else:
+                try:
+                    staging.rename(target)
+                except OSError:
+                    if not target.is_dir():  # not another process winning the race: a real failure
+                        raise
         fsync_folder(target.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def naming_target(target: Path) -> Iterator[None]:
+    """Turn an ``OSError`` raised inside the block into :class:`OutputWriteError` naming ``target`` and the fix."""
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as error:
+        raise write_error(target, error) from error
+
+
+def write_error(target: Path, error: OSError) -> OutputWriteError:
+    """An :class:`OutputWriteError` that says why ``target`` cannot be written and what to do."""
+    blocking = file_above(target)
+    detail = error.strerror or str(error)
+    if blocking is not None:
+        message = (
+            f"Cannot write '{target}': '{blocking}' is a file, not a folder ({detail}). "
+            "Move that file away or choose another output folder."
+        )
+    elif error.errno in (errno.ENOSPC, errno.EDQUOT):
+        message = (
+            f"Cannot write '{target}': no space left on its disk ({detail}). "
+            "Free space there (e.g. delete old checkpoints) or choose an output folder on another disk."
+        )
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        message = (
+            f"Cannot write '{target}': its folder '{target.parent}' is read-only or not writable by this user "
+            f"({detail}). Make it writable or choose another output folder."
+        )
+    else:
+        message = f"Cannot write '{target}' ({detail}). Check that its folder exists and can be written."
+    translated = OutputWriteError(message)
+    translated.errno = error.errno
+    return translated
+
+
+def file_above(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` (or ``path``'s parent itself) when it is not a folder, else None."""
+    for ancestor in path.parents:
+        if ancestor.exists() or ancestor.is_symlink():
+            return None if ancestor.is_dir() else ancestor
+    return None
 
 
 def umask() -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +109,8 @@ class ModelCheckpoint(LightningModelCheckpoint):
         trainer.strategy.barrier()
 
 
-def last_checkpoint_candidates(trainer: Trainer) -> list[Path]:
-    """Every complete ``last*.ckpt`` this trainer's checkpoint callbacks could have written, in any run version.
+def last_checkpoint_folders(trainer: Trainer) -> list[Path]:
+    """The folders (glob patterns allowed) where this trainer's checkpoint callbacks write, in any run version.
 
     Lightning only looks in the current run's folder, and a new run (``version_N+1``) starts empty.
     """
@@ -122,20 +122,70 @@ def last_checkpoint_candidates(trainer: Trainer) -> list[Path]:
             folders.add(Path(callback.dirpath))
         elif trainer.loggers:
             logger = trainer.loggers[0]
-            root = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name or "")
-            folders.update(root.glob("*/checkpoints"))
+            folders.add(Path(logger.save_dir or trainer.default_root_dir) / str(logger.name or "") / "*" / "checkpoints")
         else:
             folders.add(Path(trainer.default_root_dir) / "checkpoints")
-    return [path for path in _last_files(folders) if path.exists()]
+    return sorted(folders)
+
+
+def last_checkpoint_candidates(trainer: Trainer) -> list[Path]:
+    """Every complete ``last*.ckpt`` this trainer's checkpoint callbacks could have written, in any run version."""
+    return [path for path in _checkpoint_files(last_checkpoint_folders(trainer), "last*.ckpt") if path.exists()]
 
 
 def find_last_checkpoint(trainer: Trainer) -> Path | None:
-    """The most recently written ``last*.ckpt`` among :func:`last_checkpoint_candidates`, or None."""
-    candidates = last_checkpoint_candidates(trainer)
-    return max(candidates, key=lambda path: path.stat().st_mtime_ns) if candidates else None
+    """The most recently written ``last*.ckpt`` among :func:`last_checkpoint_candidates`, or None when there is none.
+
+    Raises :class:`CheckpointError` for a ``last*.ckpt`` link whose checkpoint is gone and that is
+    newer than every complete one, and for checkpoint folders that hold checkpoints but no
+    ``last*.ckpt``: resuming from an older file, or starting over, would silently lose training.
+    """
+    folders = last_checkpoint_folders(trainer)
+    links = list(_checkpoint_files(folders, "last*.ckpt"))
+    complete = [path for path in links if path.exists()]
+    newest = max(complete, key=lambda path: path.stat().st_mtime_ns) if complete else None
+    dangling = [
+        path for path in links
+        if not path.exists() and (newest is None or path.lstat().st_mtime_ns > newest.stat().st_mtime_ns)
+    ]
+    if dangling:
+        link = max(dangling, key=lambda path: path.lstat().st_mtime_ns)
+        raise CheckpointError(
+            f"--ckpt_path last: '{link}' links to '{os.readlink(link)}', which no longer exists, so there is no "
+            "latest checkpoint to resume. Give the checkpoint to resume with --ckpt_path PATH (the run's other "
+            "checkpoints are in the same folder), or delete the link to start this run from scratch."
+        )
+    if newest is None:
+        others = sorted(_checkpoint_files(folders, "*.ckpt"))
+        if others:
+            listed = ", ".join(f"'{path}'" for path in others[:5]) + (" ..." if len(others) > 5 else "")
+            raise CheckpointError(
+                f"--ckpt_path last: no last*.ckpt in {_describe(folders)}, but it holds checkpoints ({listed}). "
+                "Give the one to resume with --ckpt_path PATH."
+            )
+    return newest
 
 
-def _last_files(folders: Iterable[Path]) -> Iterable[Path]:
+def describe_last_checkpoint_folders(trainer: Trainer) -> str:
+    """The folders ``--ckpt_path last`` searches, for messages."""
+    return _describe(last_checkpoint_folders(trainer))
+
+
+def _describe(folders: Iterable[Path]) -> str:
+    return " and ".join(f"'{folder}'" for folder in folders) or "no folder (no checkpoint callback)"
+
+
+def _checkpoint_files(folders: Iterable[Path], pattern: str) -> Iterator[Path]:
     for folder in folders:
-        if folder.is_dir():
-            yield from folder.glob("last*.ckpt")
+        for match in _expand(folder):
+            if match.is_dir():
+                yield from match.glob(pattern)
+
+
+def _expand(folder: Path) -> Iterable[Path]:
+    """The folders a path with a ``*`` part matches (only that part is a pattern), or the path itself."""
+    parts = folder.parts
+    if "*" not in parts:
+        return [folder]
+    index = parts.index("*")
+    return Path(*parts[:index]).glob(str(Path(*parts[index:])))

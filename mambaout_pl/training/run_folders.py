@@ -1,0 +1,123 @@
+"""Where a run writes: every output path under ``trainer.default_root_dir``, and a version folder of its own.
+
+- :func:`check_output_paths` resolves the final paths a run would write (checkpoint folder and file
+  name, logger folder, name, version and sub-folder, profiler folder and file, prediction writers'
+  folders) and refuses any outside the root before anything is written.
+- :func:`reserve_log_versions` creates the next ``version_N`` folder of each TensorBoard or CSV
+  logger with one ``mkdir``, which fails for all but one process, so that runs started together in
+  one root each get their own folder (Lightning only lists the folders that exist).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from mambaout_pl.errors import OutputPathError
+from mambaout_pl.training.atomic import naming_target
+
+#: Attributes of a prediction writer that name the folder or file it writes to.
+WRITER_PATH_ATTRIBUTES = ("output_dir", "dirpath", "output_path", "save_dir")
+
+
+def check_output_paths(trainer: Trainer, model: Any = None) -> None:
+    """Raise :class:`OutputPathError` naming the key and value of the first output path outside the root."""
+    root = Path(trainer.default_root_dir).resolve()
+    for key, value, path in output_paths(trainer, model):
+        resolved = Path(os.path.expanduser(os.path.expandvars(str(path)))).resolve()
+        if not resolved.is_relative_to(root):
+            raise OutputPathError(
+                f"{key} = '{value}' lies outside trainer.default_root_dir ('{root}'): the run would write to "
+                f"'{resolved}', and a run writes only under its root folder. Give a path inside it (no '..' leading "
+                "out of it, no absolute path elsewhere), or set --trainer.default_root_dir to a folder that contains it."
+            )
+
+
+def output_paths(trainer: Trainer, model: Any = None) -> Iterator[tuple[str, Any, Path]]:
+    """``(key, value, final path)`` of every place the run's callbacks, loggers and profiler write."""
+    root = Path(trainer.default_root_dir)
+    loggers = [logger for logger in trainer.loggers if isinstance(logger, (TensorBoardLogger, CSVLogger))]
+    for logger in loggers:
+        yield from _logger_paths(logger)
+    first_log_dir = _log_dir(loggers[0]) if loggers else None
+    for callback in trainer.callbacks:
+        name = type(callback).__name__
+        if isinstance(callback, LightningModelCheckpoint):
+            folder = Path(callback.dirpath) if callback.dirpath else None
+            if folder is not None:
+                yield f"{name}.dirpath", callback.dirpath, folder
+            elif first_log_dir is not None:
+                folder = first_log_dir / "checkpoints"
+            else:
+                folder = root / "checkpoints"
+            if callback.filename:
+                yield f"{name}.filename", callback.filename, folder / f"{callback.filename}.ckpt"
+        if isinstance(callback, BasePredictionWriter):
+            for attribute in WRITER_PATH_ATTRIBUTES:
+                value = getattr(callback, attribute, None)
+                if isinstance(value, (str, os.PathLike)):
+                    yield f"{name}.{attribute}", value, Path(value)
+    profiler = trainer.profiler
+    dirpath = getattr(profiler, "dirpath", None)
+    if dirpath:
+        yield f"{type(profiler).__name__}.dirpath", dirpath, Path(dirpath)
+    filename = getattr(profiler, "filename", None)
+    if filename:
+        folder = Path(dirpath) if dirpath else (first_log_dir or root)
+        yield f"{type(profiler).__name__}.filename", filename, folder / filename
+    predict_dir = (getattr(model, "hparams", None) or {}).get("predict_dir")
+    if predict_dir:
+        yield "model.predict_dir", predict_dir, Path(predict_dir)
+
+
+def reserve_log_versions(trainer: Trainer) -> None:
+    """Give each TensorBoard or CSV logger without a fixed ``version`` the next ``version_N`` folder, created here.
+
+    ``mkdir`` either creates the folder or fails because another process has; the next number is
+    then tried. Other ranks of the same run follow rank zero (Lightning broadcasts its folder).
+    """
+    if rank_zero_only.rank != 0:
+        return
+    for logger in trainer.loggers:
+        if not isinstance(logger, (TensorBoardLogger, CSVLogger)) or logger._version is not None:
+            continue
+        versions_root = Path(logger.root_dir)
+        version = logger._get_next_version()
+        with naming_target(versions_root / f"version_{version}"):
+            versions_root.mkdir(parents=True, exist_ok=True)
+            while True:
+                try:
+                    (versions_root / f"version_{version}").mkdir()
+                    break
+                except FileExistsError:
+                    version += 1
+        logger._version = version  # where Lightning's loggers keep the version they write to
+
+
+def _logger_paths(logger: TensorBoardLogger | CSVLogger) -> Iterator[tuple[str, Any, Path]]:
+    name = type(logger).__name__
+    yield f"{name}.save_dir", logger.save_dir, Path(logger.save_dir)
+    yield f"{name}.name", logger.name, Path(logger.root_dir)
+    version = logger._version
+    if version is not None:
+        yield f"{name}.version", version, Path(logger.root_dir) / _version_folder(version)
+    sub_dir = getattr(logger, "sub_dir", None)
+    if sub_dir is not None:
+        yield f"{name}.sub_dir", sub_dir, Path(logger.root_dir) / _version_folder(version or 0) / str(sub_dir)
+
+
+def _log_dir(logger: TensorBoardLogger | CSVLogger) -> Path:
+    """The logger's run folder without asking the logger (which would pick a version by listing folders)."""
+    return Path(logger.root_dir) / _version_folder(logger._version or 0)
+
+
+def _version_folder(version: int | str) -> str:
+    return version if isinstance(version, str) else f"version_{version}"
