@@ -11,13 +11,14 @@ best validation score of the checkpoint callback's monitor.
     python benchmarks/ablation.py --recipes recipes/quickstart_segmentation.yaml --overlays recipes/ablation/ssm_*.yaml --json ablation.json
     python benchmarks/ablation.py --threads 1 --epochs 1 -- --trainer.limit_train_batches=5   # CLI overrides
 """
+
 import argparse
 import copy
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
@@ -28,8 +29,8 @@ from mambaout_pl.models import MambaOut
 from mambaout_pl.tasks import BaseTask
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_RECIPES = [ROOT / 'recipes' / 'quickstart.yaml']
-DEFAULT_OVERLAYS = sorted((ROOT / 'recipes' / 'ablation').glob('*.yaml'))
+DEFAULT_RECIPES = [ROOT / "recipes" / "quickstart.yaml"]
+DEFAULT_OVERLAYS = sorted((ROOT / "recipes" / "ablation").glob("*.yaml"))
 
 
 class TrainThroughput(Callback):
@@ -39,54 +40,67 @@ class TrainThroughput(Callback):
         self.warmup = warmup
         self.steps = 0
         self.images = 0
-        self.seconds = 0.
-        self._start = 0.
+        self.seconds = 0.0
+        self._start = 0.0
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._start = time.perf_counter()
 
     def on_train_batch_end(
-            self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         self.steps += 1
         if self.steps > self.warmup:
-            images = batch['image'] if isinstance(batch, dict) else batch[0]
+            images = batch["image"] if isinstance(batch, dict) else batch[0]
             self.images += images.shape[0]
             self.seconds += time.perf_counter() - self._start
 
     @property
-    def images_per_second(self) -> Optional[float]:
+    def images_per_second(self) -> float | None:
         return self.images / self.seconds if self.seconds else None
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--recipes', nargs='+', type=Path, default=DEFAULT_RECIPES, help='recipe YAMLs to run')
-    parser.add_argument('--overlays', nargs='+', type=Path, default=DEFAULT_OVERLAYS,
-                        help='token-mixer overlays, each given after each recipe')
-    parser.add_argument('--epochs', type=int, default=None, help='override the recipes\' max_epochs')
-    parser.add_argument('--root', type=Path, default=ROOT / 'runs' / 'ablation', help='folder for the runs\' logs')
-    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch decides)')
-    parser.add_argument('--json', type=Path, default=None, help='write the rows to this JSON file')
-    parser.add_argument('extra', nargs='*', help='further CLI overrides for every run, e.g. --trainer.limit_train_batches=5')
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipes", nargs="+", type=Path, default=DEFAULT_RECIPES, help="recipe YAMLs to run")
+    parser.add_argument(
+        "--overlays",
+        nargs="+",
+        type=Path,
+        default=DEFAULT_OVERLAYS,
+        help="token-mixer overlays, each given after each recipe",
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="override the recipes' max_epochs")
+    parser.add_argument("--root", type=Path, default=ROOT / "runs" / "ablation", help="folder for the runs' logs")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch decides)")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
+    parser.add_argument(
+        "extra", nargs="*", help="further CLI overrides for every run, e.g. --trainer.limit_train_batches=5"
+    )
     return parser.parse_args()
 
 
-def run_recipe(recipe: Path, overlay: Path, epochs: Optional[int], root: Path, extra: List[str]) -> Dict[str, Any]:
+def run_recipe(recipe: Path, overlay: Path, epochs: int | None, root: Path, extra: list[str]) -> dict[str, Any]:
     """Fit one recipe with one overlay through the CLI, timing its training steps, and measure the network."""
-    name = f'{recipe.stem}_{overlay.stem}'
+    name = f"{recipe.stem}_{overlay.stem}"
     args = [
-        f'--config={recipe}',
-        f'--config={overlay}',
-        f'--trainer.default_root_dir={root / name}',
-        '--trainer.enable_progress_bar=false',
-        '--trainer.enable_model_summary=false',
-        '--trainer.callbacks=[]',
-        *([f'--trainer.max_epochs={epochs}'] if epochs else []),
+        f"--config={recipe}",
+        f"--config={overlay}",
+        f"--trainer.default_root_dir={root / name}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.callbacks=[]",
+        *([f"--trainer.max_epochs={epochs}"] if epochs else []),
         *extra,
     ]
-    cli = MambaOutCLI(BaseTask, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                      args=args, run=False)
+    cli = MambaOutCLI(
+        BaseTask, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, args=args, run=False
+    )
     throughput = TrainThroughput()
     cli.trainer.callbacks.append(throughput)
     start = time.perf_counter()
@@ -95,21 +109,21 @@ def run_recipe(recipe: Path, overlay: Path, epochs: Optional[int], root: Path, e
 
     network = cli.model.model
     batch = next(iter(cli.datamodule.val_dataloader()))
-    image_size = tuple((batch['image'] if isinstance(batch, dict) else batch[0]).shape[-2:])
-    meta_network = copy.deepcopy(network).to('meta')
+    image_size = tuple((batch["image"] if isinstance(batch, dict) else batch[0]).shape[-2:])
+    meta_network = copy.deepcopy(network).to("meta")
     best = next(c for c in cli.trainer.checkpoint_callbacks if c.monitor)
     return {
-        'recipe': name,
-        'mixer': describe_token_mixers(_backbone(network)),
-        'params': sum(p.numel() for p in network.parameters()),
-        'gmacs': count_macs(meta_network, image_size) / 1e9,
-        'gmacs_224': count_macs(meta_network, (224, 224)) / 1e9,
-        'image_size': list(image_size),
-        'train_images_per_second': throughput.images_per_second,
-        'fit_seconds': seconds,
-        'epochs': cli.trainer.current_epoch,
-        'monitor': best.monitor,
-        'best_score': best.best_model_score.item() if best.best_model_score is not None else None,
+        "recipe": name,
+        "mixer": describe_token_mixers(_backbone(network)),
+        "params": sum(p.numel() for p in network.parameters()),
+        "gmacs": count_macs(meta_network, image_size) / 1e9,
+        "gmacs_224": count_macs(meta_network, (224, 224)) / 1e9,
+        "image_size": list(image_size),
+        "train_images_per_second": throughput.images_per_second,
+        "fit_seconds": seconds,
+        "epochs": cli.trainer.current_epoch,
+        "monitor": best.monitor,
+        "best_score": best.best_model_score.item() if best.best_model_score is not None else None,
     }
 
 
@@ -128,29 +142,48 @@ def main() -> int:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f'# {machine_description("cpu")}', flush=True)
+    print(f"# {machine_description('cpu')}", flush=True)
     rows = []
     for recipe in args.recipes:
         for overlay in args.overlays:
-            print(f'# fitting {_shown(recipe)} + {_shown(overlay)}', file=sys.stderr, flush=True)
+            print(f"# fitting {_shown(recipe)} + {_shown(overlay)}", file=sys.stderr, flush=True)
             rows.append(run_recipe(recipe, overlay, args.epochs, args.root, args.extra))
-            print(f'# {json.dumps(rows[-1])}', file=sys.stderr, flush=True)
+            print(f"# {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
             if args.json:
-                args.json.write_text(json.dumps(rows, indent=2) + '\n')
+                args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
     table = [
-        (row['recipe'], row['mixer'], f"{row['params']:,}", 'x'.join(str(s) for s in row['image_size']),
-         f"{row['gmacs']:.4f}", f"{row['gmacs_224']:.3f}",
-         '-' if row['train_images_per_second'] is None else f"{row['train_images_per_second']:.0f}",
-         f"{row['fit_seconds']:.0f}", row['epochs'], row['monitor'],
-         '-' if row['best_score'] is None else f"{row['best_score']:.4f}")
+        (
+            row["recipe"],
+            row["mixer"],
+            f"{row['params']:,}",
+            "x".join(str(s) for s in row["image_size"]),
+            f"{row['gmacs']:.4f}",
+            f"{row['gmacs_224']:.3f}",
+            "-" if row["train_images_per_second"] is None else f"{row['train_images_per_second']:.0f}",
+            f"{row['fit_seconds']:.0f}",
+            row["epochs"],
+            row["monitor"],
+            "-" if row["best_score"] is None else f"{row['best_score']:.4f}",
+        )
         for row in rows
     ]
-    headers = ('recipe', 'mixer', 'params', 'input', 'GMACs', 'GMACs@224', 'train img/s', 'fit s', 'epochs',
-               'metric', 'best')
+    headers = (
+        "recipe",
+        "mixer",
+        "params",
+        "input",
+        "GMACs",
+        "GMACs@224",
+        "train img/s",
+        "fit s",
+        "epochs",
+        "metric",
+        "best",
+    )
     print(format_table(headers, table, right=(False, False, True, False) + (True,) * 5 + (False, True)))
     return 0
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     raise SystemExit(main())

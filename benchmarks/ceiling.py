@@ -7,6 +7,7 @@ were dense (for MambaOut-Femto at 224², 12.4 GFLOP per image for the convolutio
 against 0.36 for their forward). Times the measured steps per second, this gives the achieved
 rate, compared with a large square matrix product in the same precision on the same machine.
 """
+
 import statistics
 import time
 from contextlib import nullcontext
@@ -14,24 +15,24 @@ from contextlib import nullcontext
 import timm
 import torch
 import torch.nn.functional as F
+from common import Row
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import Row
 from mambaout_pl.models import create_model
 
 
-def matmul_flops_per_second(precision: str, size: int = 2048, repeats: int = 5, device: str = 'cpu') -> float:
+def matmul_flops_per_second(precision: str, size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
     """The best of `repeats` timings of a `size`-square matrix product, in FLOP/s."""
-    dtype = torch.bfloat16 if precision == 'bf16' else torch.float32
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     torch.mm(a, b)
-    best = float('inf')
+    best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
+    return 2 * size**3 / best
 
 
 def training_step_flops(model: torch.nn.Module, images: torch.Tensor) -> int:
@@ -42,11 +43,11 @@ def training_step_flops(model: torch.nn.Module, images: torch.Tensor) -> int:
 
 def measure_ceiling(variant: str, precision: str, image_size: int, batch_size: int, steps: int, rounds: int) -> Row:
     torch.manual_seed(0)
-    models = {'ours': create_model(variant), 'timm': timm.create_model(variant)}
+    models = {"ours": create_model(variant), "timm": timm.create_model(variant)}
     images = torch.randn(batch_size, 3, image_size, image_size)
     targets = torch.randint(0, 1000, (batch_size,))
-    flops = training_step_flops(models['ours'], images)
-    autocast = torch.autocast('cpu', dtype=torch.bfloat16) if precision == 'bf16' else nullcontext()
+    flops = training_step_flops(models["ours"], images)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     rates = {name: [] for name in models}
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for name, m in models.items()}
 
@@ -67,6 +68,16 @@ def measure_ceiling(variant: str, precision: str, image_size: int, batch_size: i
             for _ in range(steps):
                 step(name)
             rates[name].append(flops * steps / (time.perf_counter() - start))
-    ours, reference, timm_rate = statistics.median(rates['ours']), statistics.median(peak), statistics.median(rates['timm'])
-    return Row(f'ceiling/{variant}/train/{precision}', ours / 1e9, reference / 1e9, ours / reference, 'GFLOP/s',
-               f'ratio = share of the matmul rate; timm {timm_rate / reference:.3f}')
+    ours, reference, timm_rate = (
+        statistics.median(rates["ours"]),
+        statistics.median(peak),
+        statistics.median(rates["timm"]),
+    )
+    return Row(
+        f"ceiling/{variant}/train/{precision}",
+        ours / 1e9,
+        reference / 1e9,
+        ours / reference,
+        "GFLOP/s",
+        f"ratio = share of the matmul rate; timm {timm_rate / reference:.3f}",
+    )

@@ -1,8 +1,9 @@
 """What every benchmark section shares: result rows, alternating timed rounds, the printed table."""
+
 import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Mapping, Sequence
 
 import torch
 
@@ -18,39 +19,40 @@ class Row:
     reference: float
     ratio: float
     unit: str
-    note: str = ''
+    note: str = ""
 
-    def as_json(self) -> Dict[str, object]:
+    def as_json(self) -> dict[str, object]:
         row = asdict(self)
-        if not row['note']:
-            del row['note']
+        if not row["note"]:
+            del row["note"]
         return row
 
 
 def synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def alternating_rates(
-        steps: Mapping[str, Callable[[], None]],
-        items_per_step: int,
-        rounds: int,
-        steps_per_round: int,
-        warmup: int,
-        device: torch.device = torch.device('cpu'),
-) -> Dict[str, List[float]]:
+    steps: Mapping[str, Callable[[], None]],
+    items_per_step: int,
+    rounds: int,
+    steps_per_round: int,
+    warmup: int,
+    device: torch.device | None = None,
+) -> dict[str, list[float]]:
     """Items per second of each step function, timed in alternating rounds whose order flips each round.
 
     Noisy machines drift; alternating the order and comparing round by round keeps the drift out
-    of the ratios.
+    of the ratios. ``device`` (default CPU) is synchronised around each timed round.
     """
+    device = device or torch.device("cpu")
     for step in steps.values():
         for _ in range(warmup):
             step()
     synchronize(device)
     names = list(steps)
-    rates: Dict[str, List[float]] = {name: [] for name in names}
+    rates: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(rounds):
         for name in names if round_index % 2 == 0 else reversed(names):
             start = time.perf_counter()
@@ -62,22 +64,28 @@ def alternating_rates(
 
 
 def compare(
-        name: str,
-        rates: Mapping[str, Sequence[float]],
-        unit: str,
-        ours: str = 'ours',
-        reference: str = 'reference',
+    name: str,
+    rates: Mapping[str, Sequence[float]],
+    unit: str,
+    ours: str = "ours",
+    reference: str = "reference",
 ) -> Row:
     """A row from alternating rounds: median rates and the median of the per-round ratios."""
     ratios = [o / r for o, r in zip(rates[ours], rates[reference])]
-    spread = f'rounds {min(ratios):.3f}-{max(ratios):.3f}' if len(ratios) > 1 else ''
-    return Row(name, statistics.median(rates[ours]), statistics.median(rates[reference]),
-               statistics.median(ratios), unit, spread)
+    spread = f"rounds {min(ratios):.3f}-{max(ratios):.3f}" if len(ratios) > 1 else ""
+    return Row(
+        name,
+        statistics.median(rates[ours]),
+        statistics.median(rates[reference]),
+        statistics.median(ratios),
+        unit,
+        spread,
+    )
 
 
 def rows_table(rows: Sequence[Row]) -> str:
     return format_table(
-        ('name', 'ours', 'reference', 'ratio', 'unit', 'note'),
-        [(r.name, f'{r.ours:.4g}', f'{r.reference:.4g}', f'{r.ratio:.3f}', r.unit, r.note) for r in rows],
+        ("name", "ours", "reference", "ratio", "unit", "note"),
+        [(r.name, f"{r.ours:.4g}", f"{r.reference:.4g}", f"{r.ratio:.3f}", r.unit, r.note) for r in rows],
         right=(False, True, True, True, False, False),
     )

@@ -32,12 +32,12 @@ def _gmacs(function, *args) -> float:
 
 
 def complexity(
-        backbone: str,
-        height: int,
-        width: int,
-        num_classes: int = 80,
-        box_rois: int = 1000,
-        mask_rois: int = 100,
+    backbone: str,
+    height: int,
+    width: int,
+    num_classes: int = 80,
+    box_rois: int = 1000,
+    mask_rois: int = 100,
 ) -> dict[str, float]:
     """Parameters and GMACs (backbone + FPN, RPN head, box head, mask head) of one Mask R-CNN forward pass."""
     with torch.device("meta"):

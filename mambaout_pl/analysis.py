@@ -10,6 +10,7 @@ scores and weighted sum), so its quadratic term dominates when `L > 6·D`: the p
 of a long sequence. Models are built on the meta device for the analysis and the MAC count (no
 weights, no compute); only the throughput runs a real model.
 """
+
 import argparse
 import copy
 import datetime
@@ -17,9 +18,10 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import timm
 import torch
@@ -30,27 +32,27 @@ from mambaout_pl.models import MambaOut, create_model, list_models
 from mambaout_pl.models.mixers import AttentionMixer, DepthwiseConvMixer, SelectiveScanMixer
 
 __all__ = [
-    'TASK_IMAGE_SIZES',
-    'StageSequence',
-    'ModelProfile',
-    'build_model',
-    'stage_shapes',
-    'long_sequence_report',
-    'count_macs',
-    'measure_throughput',
-    'profile_model',
-    'describe_token_mixers',
-    'format_table',
-    'machine_description',
-    'analyze_main',
-    'profile_main',
+    "TASK_IMAGE_SIZES",
+    "StageSequence",
+    "ModelProfile",
+    "build_model",
+    "stage_shapes",
+    "long_sequence_report",
+    "count_macs",
+    "measure_throughput",
+    "profile_model",
+    "describe_token_mixers",
+    "format_table",
+    "machine_description",
+    "analyze_main",
+    "profile_main",
 ]
 
 # Input sizes of the paper's three tasks (height, width).
-TASK_IMAGE_SIZES: Dict[str, Tuple[int, int]] = {
-    'ImageNet': (224, 224),
-    'COCO': (800, 1280),
-    'ADE20K': (512, 2048),
+TASK_IMAGE_SIZES: dict[str, tuple[int, int]] = {
+    "ImageNet": (224, 224),
+    "COCO": (800, 1280),
+    "ADE20K": (512, 2048),
 }
 
 
@@ -59,7 +61,7 @@ class StageSequence:
     """Tokens and channels of one stage at one input size, judged by the long-sequence criterion."""
 
     task: str
-    image_size: Tuple[int, int]
+    image_size: tuple[int, int]
     stage: str
     tokens: int
     channels: int
@@ -85,10 +87,10 @@ class ModelProfile:
 
     model: str
     token_mixer: str
-    image_size: Tuple[int, int]
+    image_size: tuple[int, int]
     params: int
     macs: int
-    images_per_second: Optional[float] = None
+    images_per_second: float | None = None
 
     @property
     def gmacs(self) -> float:
@@ -96,10 +98,10 @@ class ModelProfile:
 
 
 def build_model(
-        name: str,
-        image_size: Optional[Tuple[int, int]] = None,
-        device: Union[str, torch.device] = 'meta',
-        model_args: Optional[Dict[str, Any]] = None,
+    name: str,
+    image_size: tuple[int, int] | None = None,
+    device: str | torch.device = "meta",
+    model_args: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Build `name` (ours, timm's or a class path) without weights, on `device` (meta: no memory, no init).
 
@@ -107,37 +109,37 @@ def build_model(
     """
     model_args = dict(model_args or {})
     with torch.device(device):
-        if image_size is not None and name not in list_models() and 'img_size' not in model_args:
+        if image_size is not None and name not in list_models() and "img_size" not in model_args:
             try:
                 return create_model(name, img_size=tuple(image_size), **model_args)
             except TypeError as e:
-                if 'img_size' not in str(e):
+                if "img_size" not in str(e):
                     raise
         return create_model(name, **model_args)
 
 
-def stage_shapes(model: nn.Module, image_size: Tuple[int, int]) -> List[Tuple[str, int, int, int]]:
+def stage_shapes(model: nn.Module, image_size: tuple[int, int]) -> list[tuple[str, int, int, int]]:
     """`(stage, channels, height, width)` of each distinct stage output at `image_size`.
 
     Runs `forward_intermediates` on a meta-device image (shapes only); consecutive outputs of the
     same shape (a ViT's blocks) form one stage.
     """
-    if not hasattr(model, 'forward_intermediates'):
+    if not hasattr(model, "forward_intermediates"):
         raise ValueError(
-            f'{type(model).__name__} has no forward_intermediates, so its stage outputs cannot be found; '
-            'use one of our models or a timm model that has it (ViT, ConvNeXt, Swin, ResNet, ...).'
+            f"{type(model).__name__} has no forward_intermediates, so its stage outputs cannot be found; "
+            "use one of our models or a timm model that has it (ViT, ConvNeXt, Swin, ResNet, ...)."
         )
-    in_chans = getattr(model, 'in_chans', 3)
-    image = torch.empty(1, in_chans, *image_size, device='meta')
-    if _device_of(model).type != 'meta':
-        model = copy.deepcopy(model).to('meta')
+    in_chans = getattr(model, "in_chans", 3)
+    image = torch.empty(1, in_chans, *image_size, device="meta")
+    if _device_of(model).type != "meta":
+        model = copy.deepcopy(model).to("meta")
     with torch.no_grad():
         outputs = model.forward_intermediates(image, intermediates_only=True)
-    info = getattr(model, 'feature_info', None)
-    names = [f['module'] for f in info] if isinstance(info, list) and len(info) == len(outputs) else None
+    info = getattr(model, "feature_info", None)
+    names = [f["module"] for f in info] if isinstance(info, list) and len(info) == len(outputs) else None
     names = names or [str(i) for i in range(len(outputs))]
 
-    stages: List[Tuple[str, int, int, int]] = []
+    stages: list[tuple[str, int, int, int]] = []
     first = 0
     for index in range(1, len(outputs) + 1):
         if index < len(outputs) and outputs[index].shape == outputs[first].shape:
@@ -149,10 +151,10 @@ def stage_shapes(model: nn.Module, image_size: Tuple[int, int]) -> List[Tuple[st
 
 
 def long_sequence_report(
-        model: Union[str, nn.Module],
-        image_sizes: Optional[Dict[str, Tuple[int, int]]] = None,
-        model_args: Optional[Dict[str, Any]] = None,
-) -> List[StageSequence]:
+    model: str | nn.Module,
+    image_sizes: dict[str, tuple[int, int]] | None = None,
+    model_args: dict[str, Any] | None = None,
+) -> list[StageSequence]:
     """Per task and stage: tokens L, channels D and the criterion `L > 6·D`.
 
     Args:
@@ -168,7 +170,7 @@ def long_sequence_report(
     return rows
 
 
-def count_macs(model: nn.Module, image_size: Tuple[int, int], batch_size: int = 1) -> int:
+def count_macs(model: nn.Module, image_size: tuple[int, int], batch_size: int = 1) -> int:
     """Multiply-accumulates of one forward pass per image (FLOPs / 2, `FlopCounterMode`), plus the SSM scans.
 
     `FlopCounterMode` counts matrix products and convolutions; the selective scan is elementwise
@@ -177,12 +179,12 @@ def count_macs(model: nn.Module, image_size: Tuple[int, int], batch_size: int = 
     """
     scan_macs = []
 
-    def add_scan_macs(module: SelectiveScanMixer, args: Tuple[torch.Tensor, ...]) -> None:
+    def add_scan_macs(module: SelectiveScanMixer, args: tuple[torch.Tensor, ...]) -> None:
         batch, height, width, _ = args[0].shape
         scan_macs.append(module.scan_macs(batch, height, width))
 
     hooks = [m.register_forward_pre_hook(add_scan_macs) for m in model.modules() if isinstance(m, SelectiveScanMixer)]
-    image = torch.empty(batch_size, getattr(model, 'in_chans', 3), *image_size, device=_device_of(model))
+    image = torch.empty(batch_size, getattr(model, "in_chans", 3), *image_size, device=_device_of(model))
     was_training = model.training
     try:
         model.eval()
@@ -196,27 +198,27 @@ def count_macs(model: nn.Module, image_size: Tuple[int, int], batch_size: int = 
 
 
 def measure_throughput(
-        model: nn.Module,
-        image_size: Tuple[int, int],
-        batch_size: int = 16,
-        steps: int = 5,
-        warmup: int = 2,
-        mode: str = 'infer',
-        precision: str = 'fp32',
+    model: nn.Module,
+    image_size: tuple[int, int],
+    batch_size: int = 16,
+    steps: int = 5,
+    warmup: int = 2,
+    mode: str = "infer",
+    precision: str = "fp32",
 ) -> float:
     """Images per second over `steps` timed steps after `warmup` untimed ones, on the model's device.
 
     `mode='infer'`: forward passes under `torch.inference_mode`; `'train'`: forward, backward and
     an SGD step on the mean square of the output.
     """
-    if mode not in ('infer', 'train'):
+    if mode not in ("infer", "train"):
         raise ValueError(f"mode must be 'infer' or 'train', got '{mode}'.")
-    if precision not in ('fp32', 'bf16'):
+    if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got '{precision}'.")
     device = _device_of(model)
-    images = torch.randn(batch_size, getattr(model, 'in_chans', 3), *image_size, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == 'bf16' else nullcontext()
-    if mode == 'infer':
+    images = torch.randn(batch_size, getattr(model, "in_chans", 3), *image_size, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    if mode == "infer":
         model.eval()
 
         def step() -> None:
@@ -244,15 +246,15 @@ def measure_throughput(
 
 
 def profile_model(
-        name: str,
-        image_size: Tuple[int, int] = (224, 224),
-        model_args: Optional[Dict[str, Any]] = None,
-        batch_size: int = 16,
-        steps: int = 5,
-        warmup: int = 2,
-        mode: str = 'infer',
-        precision: str = 'fp32',
-        device: Union[str, torch.device] = 'cpu',
+    name: str,
+    image_size: tuple[int, int] = (224, 224),
+    model_args: dict[str, Any] | None = None,
+    batch_size: int = 16,
+    steps: int = 5,
+    warmup: int = 2,
+    mode: str = "infer",
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
 ) -> ModelProfile:
     """Parameters, MACs per image (meta device) and, if `steps > 0`, measured images per second of `name`."""
     meta_model = build_model(name, image_size, model_args=model_args)
@@ -268,38 +270,38 @@ def profile_model(
 def describe_token_mixers(model: nn.Module) -> str:
     """The token mixer of each stage of our MambaOut, e.g. 'ssm(cross)' or 'gated_conv,gated_conv,attention,attention'."""
     if not isinstance(model, MambaOut):
-        return '-'
+        return "-"
     stages = [_describe_mixer(stage.blocks[0].conv) for stage in model.stages if len(stage.blocks)]
-    return stages[0] if len(set(stages)) == 1 else ','.join(stages)
+    return stages[0] if len(set(stages)) == 1 else ",".join(stages)
 
 
 def _describe_mixer(mixer: nn.Module) -> str:
     if isinstance(mixer, SelectiveScanMixer):
-        return f'ssm({mixer.scan})'
+        return f"ssm({mixer.scan})"
     if isinstance(mixer, AttentionMixer):
-        details = ['causal' if mixer.causal else 'full']
+        details = ["causal" if mixer.causal else "full"]
         if mixer.window_size is not None:
-            details.append(f'window {mixer.window_size}')
+            details.append(f"window {mixer.window_size}")
         return f"attention({', '.join(details)})"
     if isinstance(mixer, DepthwiseConvMixer):
-        return 'gated_conv(causal)' if mixer.causal else 'gated_conv'
+        return "gated_conv(causal)" if mixer.causal else "gated_conv"
     return type(mixer).__name__
 
 
 def _stage_label(first: str, last: str) -> str:
     if first == last:
         return first
-    prefix, _, index = last.rpartition('.')
-    return f'{first}-{index}' if prefix and first.startswith(prefix + '.') else f'{first}-{last}'
+    prefix, _, index = last.rpartition(".")
+    return f"{first}-{index}" if prefix and first.startswith(prefix + ".") else f"{first}-{last}"
 
 
 def _device_of(model: nn.Module) -> torch.device:
     parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device('cpu')
+    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 def _synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
@@ -309,28 +311,30 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: S
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for row in cells:
-        lines.append('  '.join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip())
-    lines.insert(1, '  '.join('-' * w for w in widths))
-    return '\n'.join(lines)
+        lines.append("  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip())
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
-def machine_description(device: Union[str, torch.device] = 'cpu') -> str:
+def machine_description(device: str | torch.device = "cpu") -> str:
     """The hardware, library versions and time, for writing figures down."""
     device = torch.device(device)
-    if device.type == 'cuda':
+    if device.type == "cuda":
         hardware = torch.cuda.get_device_name(device)
     else:
-        hardware = f'{_cpu_name()}, {torch.get_num_threads()} threads'
-    return (f'{hardware}; torch {torch.__version__}, timm {timm.__version__}; '
-            f'{datetime.datetime.now().isoformat(timespec="minutes")}')
+        hardware = f"{_cpu_name()}, {torch.get_num_threads()} threads"
+    return (
+        f"{hardware}; torch {torch.__version__}, timm {timm.__version__}; "
+        f"{datetime.datetime.now().isoformat(timespec='minutes')}"
+    )
 
 
 def _cpu_name() -> str:
     try:
-        with open('/proc/cpuinfo') as f:
+        with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or platform.machine()
@@ -338,98 +342,122 @@ def _cpu_name() -> str:
 
 # Command-line entry points (`mambaout analyze`, `mambaout profile`).
 
-def _parse_model_args(text: Optional[str]) -> Dict[str, Any]:
+
+def _parse_model_args(text: str | None) -> dict[str, Any]:
     if not text:
         return {}
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"--model-args must be a JSON object such as '{{\"token_mixer\": \"ssm\"}}', got {text!r}: {e}.")
+        raise ValueError(
+            f'--model-args must be a JSON object such as \'{{"token_mixer": "ssm"}}\', got {text!r}: {e}.'
+        ) from e
     if not isinstance(value, dict):
-        raise ValueError(f'--model-args must be a JSON object (keyword arguments of create_model), got {text!r}.')
+        raise ValueError(f"--model-args must be a JSON object (keyword arguments of create_model), got {text!r}.")
     return value
 
 
-def _image_size(parser: argparse.ArgumentParser, size: Optional[List[int]]) -> Optional[Tuple[int, int]]:
+def _image_size(parser: argparse.ArgumentParser, size: list[int] | None) -> tuple[int, int] | None:
     if size is None:
         return None
     if any(s < 1 for s in size):
-        parser.error(f'--image-size must be two positive numbers (height width), got {size}.')
+        parser.error(f"--image-size must be two positive numbers (height width), got {size}.")
     return size[0], size[1]
 
 
-def analyze_main(argv: Optional[Sequence[str]] = None) -> int:
+def analyze_main(argv: Sequence[str] | None = None) -> int:
     """`mambaout analyze`: per stage, tokens L, channels D, L/(6D) and whether the sequence is long."""
     parser = argparse.ArgumentParser(
-        prog='mambaout analyze',
-        description='The paper\'s long-sequence criterion per stage: attention\'s quadratic FLOPs term '
-                    '4·D·L² exceeds its linear term 24·D²·L when L > 6·D.',
+        prog="mambaout analyze",
+        description="The paper's long-sequence criterion per stage: attention's quadratic FLOPs term "
+        "4·D·L² exceeds its linear term 24·D²·L when L > 6·D.",
     )
-    parser.add_argument('--model', nargs='+', required=True, help='model names: ours (mambaout_tiny) or timm\'s (vit_small_patch16_224)')
-    parser.add_argument('--image-size', nargs=2, type=int, metavar=('H', 'W'),
-                        help='input height and width; default: ImageNet 224x224, COCO 800x1280 and ADE20K 512x2048')
-    parser.add_argument('--model-args', default=None, help='JSON keyword arguments for create_model')
+    parser.add_argument(
+        "--model", nargs="+", required=True, help="model names: ours (mambaout_tiny) or timm's (vit_small_patch16_224)"
+    )
+    parser.add_argument(
+        "--image-size",
+        nargs=2,
+        type=int,
+        metavar=("H", "W"),
+        help="input height and width; default: ImageNet 224x224, COCO 800x1280 and ADE20K 512x2048",
+    )
+    parser.add_argument("--model-args", default=None, help="JSON keyword arguments for create_model")
     args = parser.parse_args(argv)
     size = _image_size(parser, args.image_size)
-    image_sizes = {f'{size[0]}x{size[1]}': size} if size else TASK_IMAGE_SIZES
+    image_sizes = {f"{size[0]}x{size[1]}": size} if size else TASK_IMAGE_SIZES
 
     try:
         model_args = _parse_model_args(args.model_args)
         reports = [(name, long_sequence_report(name, image_sizes, model_args)) for name in args.model]
     except ValueError as e:
-        print(f'mambaout analyze: error: {e}', file=sys.stderr)
+        print(f"mambaout analyze: error: {e}", file=sys.stderr)
         return 2
 
-    print('Long sequence: L > 6·D, where attention\'s 4·D·L² term outweighs its 24·D²·L term.')
+    print("Long sequence: L > 6·D, where attention's 4·D·L² term outweighs its 24·D²·L term.")
     for name, rows in reports:
-        print(f'\n{name}')
+        print(f"\n{name}")
         table = [
-            (row.task, f'{row.image_size[0]}x{row.image_size[1]}', row.stage, row.tokens, row.channels,
-             row.threshold, f'{row.attention_ratio:.3g}', 'yes' if row.long_sequence else 'no')
+            (
+                row.task,
+                f"{row.image_size[0]}x{row.image_size[1]}",
+                row.stage,
+                row.tokens,
+                row.channels,
+                row.threshold,
+                f"{row.attention_ratio:.3g}",
+                "yes" if row.long_sequence else "no",
+            )
             for row in rows
         ]
-        headers = ('task', 'input', 'stage', 'tokens L', 'channels D', '6D', 'L/(6D)', 'long')
+        headers = ("task", "input", "stage", "tokens L", "channels D", "6D", "L/(6D)", "long")
         print(format_table(headers, table, right=(False, False, False, True, True, True, True, False)))
     return 0
 
 
-def profile_main(argv: Optional[Sequence[str]] = None) -> int:
+def profile_main(argv: Sequence[str] | None = None) -> int:
     """`mambaout profile`: parameters, GMACs and measured throughput of backbones, as a table."""
     parser = argparse.ArgumentParser(
-        prog='mambaout profile',
-        description='Parameters, GMACs (FlopCounterMode FLOPs / 2, per image) and measured images per second.',
+        prog="mambaout profile",
+        description="Parameters, GMACs (FlopCounterMode FLOPs / 2, per image) and measured images per second.",
     )
-    parser.add_argument('--model', nargs='+', required=True, help='model names: ours or timm\'s')
-    parser.add_argument('--image-size', nargs=2, type=int, default=[224, 224], metavar=('H', 'W'))
-    parser.add_argument('--model-args', default=None,
-                        help='JSON keyword arguments for create_model, e.g. \'{"token_mixer": "ssm", "scan": "cross"}\'')
-    parser.add_argument('--batch-size', type=int, default=16)
-    parser.add_argument('--steps', type=int, default=5, help='timed steps; 0 skips the throughput')
-    parser.add_argument('--warmup', type=int, default=2, help='untimed steps before the timed ones')
-    parser.add_argument('--mode', choices=('infer', 'train'), default='infer')
-    parser.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32')
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch decides)')
+    parser.add_argument("--model", nargs="+", required=True, help="model names: ours or timm's")
+    parser.add_argument("--image-size", nargs=2, type=int, default=[224, 224], metavar=("H", "W"))
+    parser.add_argument(
+        "--model-args",
+        default=None,
+        help='JSON keyword arguments for create_model, e.g. \'{"token_mixer": "ssm", "scan": "cross"}\'',
+    )
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps; 0 skips the throughput")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
+    parser.add_argument("--mode", choices=("infer", "train"), default="infer")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch decides)")
     args = parser.parse_args(argv)
     size = _image_size(parser, args.image_size)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f'# {machine_description(args.device)}')
+    print(f"# {machine_description(args.device)}")
     if args.steps > 0:
-        print(f'# {size[0]}x{size[1]}, batch {args.batch_size}, {args.mode}, {args.precision}, '
-              f'{args.steps} timed steps after {args.warmup} warm-up steps')
-    headers = ('model', 'mixer', 'params', 'GMACs', 'img/s')
+        print(
+            f"# {size[0]}x{size[1]}, batch {args.batch_size}, {args.mode}, {args.precision}, "
+            f"{args.steps} timed steps after {args.warmup} warm-up steps"
+        )
+    headers = ("model", "mixer", "params", "GMACs", "img/s")
     rows = []
     try:
         model_args = _parse_model_args(args.model_args)
         for name in args.model:
-            result = profile_model(name, size, model_args, args.batch_size, args.steps, args.warmup,
-                                   args.mode, args.precision, args.device)
-            speed = '-' if result.images_per_second is None else f'{result.images_per_second:.1f}'
-            rows.append((name, result.token_mixer, f'{result.params:,}', f'{result.gmacs:.3f}', speed))
+            result = profile_model(
+                name, size, model_args, args.batch_size, args.steps, args.warmup, args.mode, args.precision, args.device
+            )
+            speed = "-" if result.images_per_second is None else f"{result.images_per_second:.1f}"
+            rows.append((name, result.token_mixer, f"{result.params:,}", f"{result.gmacs:.3f}", speed))
     except ValueError as e:
-        print(f'mambaout profile: error: {e}', file=sys.stderr)
+        print(f"mambaout profile: error: {e}", file=sys.stderr)
         return 2
     print(format_table(headers, rows, right=(False, False, True, True, True)))
     return 0

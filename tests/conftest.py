@@ -93,7 +93,9 @@ def ade20k_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_ade20k_folder(tmp_path_factory.mktemp("ADEChallengeData2016"))
 
 
-def write_segmentation_parquet(path: Path, count: int = 4, size: tuple[int, int] = (32, 24), num_classes: int = 3) -> Path:
+def write_segmentation_parquet(
+    path: Path, count: int = 4, size: tuple[int, int] = (32, 24), num_classes: int = 3
+) -> Path:
     """A parquet file of ``image`` and ``mask`` columns: vertical stripes of class 0..num_classes-1, 255 in row 0."""
     import io
 

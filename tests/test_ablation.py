@@ -1,4 +1,5 @@
 """The token-mixer ablation overlays: each one swaps a quick start's mixer, and each pairing fits."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,16 @@ MIXERS = {
     "gated_conv": ({"token_mixer": "gated_conv"}, "stages.0.blocks.0.conv.weight", "conv.A_log"),
     "ssm_raster": ({"token_mixer": "ssm", "scan": "raster"}, "stages.0.blocks.0.conv.A_log", "conv.qkv"),
     "ssm_bidirectional": ({"token_mixer": "ssm", "scan": "bidirectional"}, "stages.0.blocks.0.conv.A_log", "conv.qkv"),
-    "attention_causal": ({"token_mixer": "attention", "causal": True}, "stages.0.blocks.0.conv.qkv.weight", "conv.A_log"),
-    "attention_full": ({"token_mixer": "attention", "causal": False}, "stages.0.blocks.0.conv.qkv.weight", "conv.A_log"),
+    "attention_causal": (
+        {"token_mixer": "attention", "causal": True},
+        "stages.0.blocks.0.conv.qkv.weight",
+        "conv.A_log",
+    ),
+    "attention_full": (
+        {"token_mixer": "attention", "causal": False},
+        "stages.0.blocks.0.conv.qkv.weight",
+        "conv.A_log",
+    ),
 }
 # Quick start -> CLI overrides that shrink a run to a few CPU steps.
 QUICKSTARTS = {
@@ -40,7 +49,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_every_mixer_has_an_overlay_and_the_overlays_set_only_the_mixer() -> None:
     assert {overlay.stem for overlay in OVERLAYS} == set(MIXERS)
     for overlay in OVERLAYS:
-        assert yaml.safe_load(overlay.read_text()) == {"model": {"init_args": {"backbone_args": MIXERS[overlay.stem][0]}}}
+        assert yaml.safe_load(overlay.read_text()) == {
+            "model": {"init_args": {"backbone_args": MIXERS[overlay.stem][0]}}
+        }
 
 
 @pytest.mark.slow

@@ -74,39 +74,98 @@ def integer_weights(root: Path, images: Path, scratch: Path) -> list[str]:
 # constructor it calls as a ValueError that quotes the message.
 Builder = Callable[[Path, Path, Path], list[str]]
 BUILD_CASES: list[tuple[str, Builder, type[BaseException], str]] = [
-    ("misspelt optimizer", lambda r, i, s: fit_args(r, i, "--model.optimizer=adamwx"), ValueError,
-     r"optimizer='adamwx' is not a timm optimizer\. Close names: \['adamw'.*list_optimizers\(\)"),
-    ("misspelt scheduler", lambda r, i, s: fit_args(r, i, "--model.scheduler=cosin"), ValueError,
-     r"scheduler='cosin' is not one of \['cosine', 'tanh', .*'poly'"),
-    ("plateau scheduler", lambda r, i, s: fit_args(r, i, "--model.scheduler=plateau"), ValueError,
-     r"scheduler='plateau' is not one of .*steps once per epoch"),
-    ("negative lr", lambda r, i, s: fit_args(r, i, "--model.lr=-0.002"), ValueError,
-     r"lr=-0\.002 must be a finite number above 0"),
-    ("zero lr", lambda r, i, s: fit_args(r, i, "--model.lr=0"), ValueError, r"lr=0(\.0)? must be a finite number above 0"),
-    ("image_size 0", lambda r, i, s: fit_args(r, i, "--data.image_size=0"), ValueError,
-     r"image_size=0 must be a positive number of pixels"),
-    ("drop_path_rate 1.5", lambda r, i, s: fit_args(r, i, "--model.drop_path_rate=1.5"), ValueError,
-     r"drop_path_rate=1\.5 must be in \[0, 1\)"),
-    ("reversed crop scale", lambda r, i, s: fit_args(r, i, "--data.scale=[1.0,0.08]"), ValueError,
-     r"scale=\[1\.0, 0\.08\] must be \[smallest, largest\] .*0 < smallest <= largest <= 1"),
-    ("reversed crop ratio", lambda r, i, s: fit_args(r, i, "--data.ratio=[1.33,0.75]"), ValueError,
-     r"ratio=\[1\.33, 0\.75\] must be \[smallest, largest\]"),
-    ("label column given as the image column", lambda r, i, s: fit_args(r, i, "--data.label_column=image"), ValueError,
-     r"label_column='image' is also the image_column: set `label_column`"),
-    ("misspelt RandAugment section", lambda r, i, s: fit_args(r, i, "--data.auto_augment=rand-m9-mstd0.5-incl"),
-     ValueError, r"auto_augment='rand-m9-mstd0\.5-incl': section 'incl' is not part of timm's 'rand' grammar.*inc<number>"),
-    ("misspelt auto-augment policy", lambda r, i, s: fit_args(r, i, "--data.auto_augment=randaug-m9"), ValueError,
-     r"auto_augment='randaug-m9': policy 'randaug' is not one of 'rand'"),
+    (
+        "misspelt optimizer",
+        lambda r, i, s: fit_args(r, i, "--model.optimizer=adamwx"),
+        ValueError,
+        r"optimizer='adamwx' is not a timm optimizer\. Close names: \['adamw'.*list_optimizers\(\)",
+    ),
+    (
+        "misspelt scheduler",
+        lambda r, i, s: fit_args(r, i, "--model.scheduler=cosin"),
+        ValueError,
+        r"scheduler='cosin' is not one of \['cosine', 'tanh', .*'poly'",
+    ),
+    (
+        "plateau scheduler",
+        lambda r, i, s: fit_args(r, i, "--model.scheduler=plateau"),
+        ValueError,
+        r"scheduler='plateau' is not one of .*steps once per epoch",
+    ),
+    (
+        "negative lr",
+        lambda r, i, s: fit_args(r, i, "--model.lr=-0.002"),
+        ValueError,
+        r"lr=-0\.002 must be a finite number above 0",
+    ),
+    (
+        "zero lr",
+        lambda r, i, s: fit_args(r, i, "--model.lr=0"),
+        ValueError,
+        r"lr=0(\.0)? must be a finite number above 0",
+    ),
+    (
+        "image_size 0",
+        lambda r, i, s: fit_args(r, i, "--data.image_size=0"),
+        ValueError,
+        r"image_size=0 must be a positive number of pixels",
+    ),
+    (
+        "drop_path_rate 1.5",
+        lambda r, i, s: fit_args(r, i, "--model.drop_path_rate=1.5"),
+        ValueError,
+        r"drop_path_rate=1\.5 must be in \[0, 1\)",
+    ),
+    (
+        "reversed crop scale",
+        lambda r, i, s: fit_args(r, i, "--data.scale=[1.0,0.08]"),
+        ValueError,
+        r"scale=\[1\.0, 0\.08\] must be \[smallest, largest\] .*0 < smallest <= largest <= 1",
+    ),
+    (
+        "reversed crop ratio",
+        lambda r, i, s: fit_args(r, i, "--data.ratio=[1.33,0.75]"),
+        ValueError,
+        r"ratio=\[1\.33, 0\.75\] must be \[smallest, largest\]",
+    ),
+    (
+        "label column given as the image column",
+        lambda r, i, s: fit_args(r, i, "--data.label_column=image"),
+        ValueError,
+        r"label_column='image' is also the image_column: set `label_column`",
+    ),
+    (
+        "misspelt RandAugment section",
+        lambda r, i, s: fit_args(r, i, "--data.auto_augment=rand-m9-mstd0.5-incl"),
+        ValueError,
+        r"auto_augment='rand-m9-mstd0\.5-incl': section 'incl' is not part of timm's 'rand' grammar.*inc<number>",
+    ),
+    (
+        "misspelt auto-augment policy",
+        lambda r, i, s: fit_args(r, i, "--data.auto_augment=randaug-m9"),
+        ValueError,
+        r"auto_augment='randaug-m9': policy 'randaug' is not one of 'rand'",
+    ),
     ("one-class folder", one_class_folder, DataError, r"one_class' has only one class folder \('cat'\).*at least two"),
-    ("empty class folder", empty_class_folder, DataError,
-     r"Class folder '.*train/bird' holds no images, so class 'bird' would be left out.*remove the folder"),
-    ("integer tensors as float weights", integer_weights, ValueError,
-     r"integer\.safetensors' holds integer or boolean tensors for floating-point parameters: head\.fc\.bias "
-     r"\(torch\.int64\).*Re-export the weights as floating point"),
+    (
+        "empty class folder",
+        empty_class_folder,
+        DataError,
+        r"Class folder '.*train/bird' holds no images, so class 'bird' would be left out.*remove the folder",
+    ),
+    (
+        "integer tensors as float weights",
+        integer_weights,
+        ValueError,
+        r"integer\.safetensors' holds integer or boolean tensors for floating-point parameters: head\.fc\.bias "
+        r"\(torch\.int64\).*Re-export the weights as floating point",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("build", "error", "pattern"), [case[1:] for case in BUILD_CASES], ids=[c[0] for c in BUILD_CASES])
+@pytest.mark.parametrize(
+    ("build", "error", "pattern"), [case[1:] for case in BUILD_CASES], ids=[c[0] for c in BUILD_CASES]
+)
 def test_bad_argument_stops_the_cli_when_building_and_writes_nothing(
     build: Builder, error: type[BaseException], pattern: str, images: Path, tmp_path: Path
 ) -> None:
@@ -123,16 +182,31 @@ def test_bad_argument_stops_the_cli_when_building_and_writes_nothing(
 FIT_CASES: list[tuple[str, list[str], type[BaseException], str]] = [
     ("max_epochs 0", ["--trainer.max_epochs=0"], ValueError, r"trainer\.max_epochs=0 trains nothing: set it"),
     ("max_steps 0", ["--trainer.max_steps=0"], ValueError, r"trainer\.max_steps=0 trains nothing"),
-    ("split smaller than one batch", ["--data.batch_size=32"], DataError,
-     r"No training batches: the training split \('train'\) has 24 examples, fewer than batch_size=32, and "
-     r"drop_last=true .*Lower `batch_size`.*`drop_last` to false"),
-    ("Mixup with an odd batch size", ["--model.mixup_alpha=0.8", "--data.batch_size=3"], ValueError,
-     r"needs an even data\.batch_size, got 3: set data\.batch_size to 4 or 2"),
-    ("CutMix without drop_last, odd last batch",
-     ["--model.cutmix_alpha=1.0", "--data.drop_last=false", "--data.val_split=null", "--data.val_fraction=0.2"],
-     ValueError, r"drop_last=false its last batch holds 3 of the 19 training examples.*Set data\.drop_last to true"),
-    ("streaming without a length", ["--data.streaming=true", "--trainer.limit_train_batches=1.0"], ValueError,
-     r"neither trainer\.limit_train_batches nor trainer\.max_steps is set.*Set trainer\.limit_train_batches"),
+    (
+        "split smaller than one batch",
+        ["--data.batch_size=32"],
+        DataError,
+        r"No training batches: the training split \('train'\) has 24 examples, fewer than batch_size=32, and "
+        r"drop_last=true .*Lower `batch_size`.*`drop_last` to false",
+    ),
+    (
+        "Mixup with an odd batch size",
+        ["--model.mixup_alpha=0.8", "--data.batch_size=3"],
+        ValueError,
+        r"needs an even data\.batch_size, got 3: set data\.batch_size to 4 or 2",
+    ),
+    (
+        "CutMix without drop_last, odd last batch",
+        ["--model.cutmix_alpha=1.0", "--data.drop_last=false", "--data.val_split=null", "--data.val_fraction=0.2"],
+        ValueError,
+        r"drop_last=false its last batch holds 3 of the 19 training examples.*Set data\.drop_last to true",
+    ),
+    (
+        "streaming without a length",
+        ["--data.streaming=true", "--trainer.limit_train_batches=1.0"],
+        ValueError,
+        r"neither trainer\.limit_train_batches nor trainer\.max_steps is set.*Set trainer\.limit_train_batches",
+    ),
 ]
 
 
@@ -149,8 +223,18 @@ def test_fit_that_would_train_nothing_or_wrongly_stops_before_the_first_step(
 
 def test_streaming_with_a_batch_limit_trains_on_the_full_schedule(images: Path, tmp_path: Path) -> None:
     """The legitimate streaming setting still trains, its schedule decaying over the capped epochs."""
-    main(fit_args(tmp_path, images, "--data.streaming=true", "--trainer.limit_train_batches=2", "--trainer.max_epochs=2",
-                  "--trainer.limit_val_batches=0", "--model.warmup_epochs=0", "--model.min_lr=0"))
+    main(
+        fit_args(
+            tmp_path,
+            images,
+            "--data.streaming=true",
+            "--trainer.limit_train_batches=2",
+            "--trainer.max_epochs=2",
+            "--trainer.limit_val_batches=0",
+            "--model.warmup_epochs=0",
+            "--model.min_lr=0",
+        )
+    )
     checkpoint = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 4
     assert checkpoint["lr_schedulers"][0]["t_initial"] == 4  # 2 updates per epoch over 2 epochs, not 2 updates
@@ -162,8 +246,11 @@ def test_streaming_with_a_batch_limit_trains_on_the_full_schedule(images: Path, 
 
 def test_classification_predict_writes_a_csv_row_per_image(images: Path, tmp_path: Path) -> None:
     predictions = tmp_path / "predictions"
-    main(fit_args(tmp_path, images, "--data.predict_split=validation", f"--model.predict_dir={predictions}",
-                  command="predict"))
+    main(
+        fit_args(
+            tmp_path, images, "--data.predict_split=validation", f"--model.predict_dir={predictions}", command="predict"
+        )
+    )
     with (predictions / "predictions.csv").open() as file:
         rows = list(csv.DictReader(file))
     expected_files = sorted(str(path) for path in (images / "validation").rglob("*.png"))
@@ -199,8 +286,15 @@ def test_label_maps_stored_as_jpeg_are_refused_naming_the_row(tmp_path: Path) ->
         rows = {"image": [encoded(image, "PNG")] * 2, "mask": [encoded(labels, "JPEG")] * 2}
         datasets.Dataset.from_dict(rows, features=features).to_parquet(files[split])
     data = SegmentationDataModule(
-        path="parquet", data_files=files, num_classes=3, crop_size=16, resize_scale=(32, 16), batch_size=2,
-        num_workers=0, pin_memory=False, cache_dir=str(tmp_path / "cache"),
+        path="parquet",
+        data_files=files,
+        num_classes=3,
+        crop_size=16,
+        resize_scale=(32, 16),
+        batch_size=2,
+        num_workers=0,
+        pin_memory=False,
+        cache_dir=str(tmp_path / "cache"),
     )
     with pytest.raises(InvalidLabelError, match=r"Label map row 0 of split 'validation' is stored as JPEG.*as PNG"):
         next(iter(data.val_dataloader()))
@@ -211,8 +305,14 @@ def test_a_jpeg_annotation_file_is_refused_naming_it(tmp_path: Path) -> None:
     annotation = folder / "annotations" / "training" / "ADE_training_00000001.png"
     Image.open(annotation).save(annotation.with_suffix(".jpg"))
     annotation.unlink()
-    data = SegmentationDataModule(path="ade20k", data_dir=str(folder), reduce_zero_label=True, crop_size=16,
-                                  num_workers=0, cache_dir=str(tmp_path / "cache"))
+    data = SegmentationDataModule(
+        path="ade20k",
+        data_dir=str(folder),
+        reduce_zero_label=True,
+        crop_size=16,
+        num_workers=0,
+        cache_dir=str(tmp_path / "cache"),
+    )
     with pytest.raises(InvalidLabelError, match=r"ADE_training_00000001\.jpg' is not a PNG.*Save them as PNG"):
         data.setup("fit")
 
@@ -250,12 +350,21 @@ def test_good_optimizer_and_policy_spellings_are_accepted() -> None:
     ImageClassificationDataModule(auto_augment="augmix-m5-w4-d2-a1.0-b1", image_size=16)
     ImageClassificationDataModule(auto_augment="originalr-mstd0.5", image_size=16)
     for optimizer in ("lookahead_adamw", "SGD", "lamb"):
-        SegmentationTask(backbone="mambaout_femto", backbone_args=TINY_BACKBONE, optimizer=optimizer, aux_head=False,
-                         decode_channels=8)
+        SegmentationTask(
+            backbone="mambaout_femto",
+            backbone_args=TINY_BACKBONE,
+            optimizer=optimizer,
+            aux_head=False,
+            decode_channels=8,
+        )
 
 
 def test_cutmix_without_drop_last_trains_when_every_batch_is_even(images: Path, tmp_path: Path) -> None:
     """24 examples in batches of 4: no odd last batch, so ``drop_last=false`` is fine."""
-    main(fit_args(tmp_path, images, "--model.cutmix_alpha=1.0", "--data.drop_last=false", "--trainer.limit_val_batches=0"))
+    main(
+        fit_args(
+            tmp_path, images, "--model.cutmix_alpha=1.0", "--data.drop_last=false", "--trainer.limit_val_batches=0"
+        )
+    )
     checkpoint = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 2

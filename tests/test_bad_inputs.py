@@ -19,14 +19,21 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
-
 from conftest import IMAGE_FOLDER_COLOURS, write_ade20k_folder, write_image_folder
 from helpers import small_run_args
+from PIL import Image
 
 from mambaout_pl.cli import main, run_cli
-from mambaout_pl.data import CorruptImageError, DataError, DataNotFoundError, ImageClassificationDataModule, SegmentationDataModule
-from mambaout_pl.data import ColumnNotFoundError, InvalidLabelError, SplitNotFoundError
+from mambaout_pl.data import (
+    ColumnNotFoundError,
+    CorruptImageError,
+    DataError,
+    DataNotFoundError,
+    ImageClassificationDataModule,
+    InvalidLabelError,
+    SegmentationDataModule,
+    SplitNotFoundError,
+)
 from mambaout_pl.errors import CheckpointError, CheckpointMismatchError, OutputPathError
 
 ROOT = Path(__file__).parents[1]
@@ -103,9 +110,13 @@ def empty_split(root: Path, images: Path, scratch: Path, checkpoint: Path) -> li
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
     image = {"bytes": png_bytes(Image.new("RGB", (8, 8), (200, 0, 0))), "path": None}
     files = {"train": str(scratch / "train.parquet"), "validation": str(scratch / "validation.parquet")}
-    datasets.Dataset.from_dict({"image": [image] * 4, "label": [0, 1, 0, 1]}, features=features).to_parquet(files["train"])
+    datasets.Dataset.from_dict({"image": [image] * 4, "label": [0, 1, 0, 1]}, features=features).to_parquet(
+        files["train"]
+    )
     datasets.Dataset.from_dict({"image": [], "label": []}, features=features).to_parquet(files["validation"])
-    return fit_args(root, images, "--data.path=parquet", "--data.data_dir=null", f"--data.data_files={json.dumps(files)}")
+    return fit_args(
+        root, images, "--data.path=parquet", "--data.data_dir=null", f"--data.data_files={json.dumps(files)}"
+    )
 
 
 def labels_out_of_range(root: Path, images: Path, scratch: Path, checkpoint: Path) -> list[str]:
@@ -114,8 +125,12 @@ def labels_out_of_range(root: Path, images: Path, scratch: Path, checkpoint: Pat
     files = {}
     for split, labels in (("train", [0, 1, 2, 0]), ("validation", [0, 7])):
         files[split] = str(scratch / f"{split}.parquet")
-        datasets.Dataset.from_dict({"image": [image] * len(labels), "label": labels}, features=features).to_parquet(files[split])
-    return fit_args(root, images, "--data.path=parquet", "--data.data_dir=null", f"--data.data_files={json.dumps(files)}")
+        datasets.Dataset.from_dict({"image": [image] * len(labels), "label": labels}, features=features).to_parquet(
+            files[split]
+        )
+    return fit_args(
+        root, images, "--data.path=parquet", "--data.data_dir=null", f"--data.data_files={json.dumps(files)}"
+    )
 
 
 def recipe_with_wrong_type(root: Path, images: Path, scratch: Path, checkpoint: Path) -> list[str]:
@@ -157,35 +172,136 @@ def pickled_checkpoint(root: Path, images: Path, scratch: Path, checkpoint: Path
 
 
 CLI_CASES: list[tuple[str, Builder, type[BaseException], str]] = [
-    ("unknown config key", lambda r, i, s, c: fit_args(r, i, "--model.init_args.learning_rate=0.1"), SystemExit, "learning_rate"),
-    ("wrong type on the command line", lambda r, i, s, c: fit_args(r, i, "--model.lr=fast"), SystemExit, r'Parser key "lr"[\s\S]*fast'),
+    (
+        "unknown config key",
+        lambda r, i, s, c: fit_args(r, i, "--model.init_args.learning_rate=0.1"),
+        SystemExit,
+        "learning_rate",
+    ),
+    (
+        "wrong type on the command line",
+        lambda r, i, s, c: fit_args(r, i, "--model.lr=fast"),
+        SystemExit,
+        r'Parser key "lr"[\s\S]*fast',
+    ),
     ("wrong type in a recipe", recipe_with_wrong_type, SystemExit, r"max_epochs[\s\S]*many"),
-    ("missing recipe file", lambda r, i, s, c: ["fit", f"--config={s / 'no_such_recipe.yaml'}"], SystemExit, "no_such_recipe.yaml"),
-    ("unknown backbone", lambda r, i, s, c: fit_args(r, i, "--model.backbone=mambaout_fento"), ValueError, "Unknown model 'mambaout_fento'. Did you mean 'mambaout_femto'"),
-    ("unknown token mixer", lambda r, i, s, c: fit_args(r, i, '--model.backbone_args={"token_mixer": "mamba"}'), ValueError, "Unknown token_mixer 'mamba', expected one of 'gated_conv', 'ssm', 'attention'"),
-    ("unknown non-finite loss mode", lambda r, i, s, c: fit_args(r, i, "--model.nonfinite_loss=ignore"), ValueError, "nonfinite_loss='ignore' is not one of"),
-    ("unknown pre-emption signal", lambda r, i, s, c: fit_args(r, i, "--preemption.signals=[SIGTERN]"), ValueError, "SIGTERN"),
-    ("dataset path missing", lambda r, i, s, c: fit_args(r, i, f"--data.path={s / 'no_such_dataset'}", "--data.data_dir=null"), DataNotFoundError, "no_such_dataset"),
+    (
+        "missing recipe file",
+        lambda r, i, s, c: ["fit", f"--config={s / 'no_such_recipe.yaml'}"],
+        SystemExit,
+        "no_such_recipe.yaml",
+    ),
+    (
+        "unknown backbone",
+        lambda r, i, s, c: fit_args(r, i, "--model.backbone=mambaout_fento"),
+        ValueError,
+        "Unknown model 'mambaout_fento'. Did you mean 'mambaout_femto'",
+    ),
+    (
+        "unknown token mixer",
+        lambda r, i, s, c: fit_args(r, i, '--model.backbone_args={"token_mixer": "mamba"}'),
+        ValueError,
+        "Unknown token_mixer 'mamba', expected one of 'gated_conv', 'ssm', 'attention'",
+    ),
+    (
+        "unknown non-finite loss mode",
+        lambda r, i, s, c: fit_args(r, i, "--model.nonfinite_loss=ignore"),
+        ValueError,
+        "nonfinite_loss='ignore' is not one of",
+    ),
+    (
+        "unknown pre-emption signal",
+        lambda r, i, s, c: fit_args(r, i, "--preemption.signals=[SIGTERN]"),
+        ValueError,
+        "SIGTERN",
+    ),
+    (
+        "dataset path missing",
+        lambda r, i, s, c: fit_args(r, i, f"--data.path={s / 'no_such_dataset'}", "--data.data_dir=null"),
+        DataNotFoundError,
+        "no_such_dataset",
+    ),
     ("image folder missing", lambda r, i, s, c: fit_args(r, s / "no_such_folder"), DataNotFoundError, "no_such_folder"),
-    ("split missing", lambda r, i, s, c: fit_args(r, i, "--data.val_split=valid", "--data.val_fraction=0"), SplitNotFoundError, r"split 'valid' does not exist.*'validation'"),
+    (
+        "split missing",
+        lambda r, i, s, c: fit_args(r, i, "--data.val_split=valid", "--data.val_fraction=0"),
+        SplitNotFoundError,
+        r"split 'valid' does not exist.*'validation'",
+    ),
     ("empty split", empty_split, DataError, r"validation\.parquet.*\"validation\" corresponds to no data"),
-    ("column missing", lambda r, i, s, c: fit_args(r, i, "--data.label_column=labels"), ColumnNotFoundError, r"Column 'labels' does not exist.*`label_column`"),
-    ("labels out of range", labels_out_of_range, InvalidLabelError, r"Label 7 at row 1 of column 'label' in split 'validation' is outside \[0, 3\)"),
+    (
+        "column missing",
+        lambda r, i, s, c: fit_args(r, i, "--data.label_column=labels"),
+        ColumnNotFoundError,
+        r"Column 'labels' does not exist.*`label_column`",
+    ),
+    (
+        "labels out of range",
+        labels_out_of_range,
+        InvalidLabelError,
+        r"Label 7 at row 1 of column 'label' in split 'validation' is outside \[0, 3\)",
+    ),
     ("truncated image", truncated_image, CorruptImageError, r"cat_0\.png.*skip_corrupt"),
     ("file that is not an image", not_an_image, CorruptImageError, r"a_notes\.png.*skip_corrupt"),
-    ("resume checkpoint missing", lambda r, i, s, c: fit_args(r, i, f"--ckpt_path={s / 'gone.ckpt'}"), FileNotFoundError, "gone.ckpt"),
-    ("checkpoint of another task", checkpoint_of_another_task, CheckpointMismatchError, r"segmentation\.ckpt' was written by mambaout_pl\.tasks\.segmentation\.SegmentationTask"),
-    ("checkpoint with wrong keys", checkpoint_with_wrong_keys, CheckpointMismatchError, r"renamed_keys\.ckpt' does not fit.*missing \(model\..*unexpected \(network\."),
-    ("plain weights as a checkpoint", plain_weights_as_checkpoint, CheckpointError, r"weights\.pth' is not a training checkpoint.*model\.pretrained"),
+    (
+        "resume checkpoint missing",
+        lambda r, i, s, c: fit_args(r, i, f"--ckpt_path={s / 'gone.ckpt'}"),
+        FileNotFoundError,
+        "gone.ckpt",
+    ),
+    (
+        "checkpoint of another task",
+        checkpoint_of_another_task,
+        CheckpointMismatchError,
+        r"segmentation\.ckpt' was written by mambaout_pl\.tasks\.segmentation\.SegmentationTask",
+    ),
+    (
+        "checkpoint with wrong keys",
+        checkpoint_with_wrong_keys,
+        CheckpointMismatchError,
+        r"renamed_keys\.ckpt' does not fit.*missing \(model\..*unexpected \(network\.",
+    ),
+    (
+        "plain weights as a checkpoint",
+        plain_weights_as_checkpoint,
+        CheckpointError,
+        r"weights\.pth' is not a training checkpoint.*model\.pretrained",
+    ),
     ("checkpoint with pickled objects", pickled_checkpoint, CheckpointError, r"Refusing to load '.*pickled\.ckpt'"),
-    ("resume with another network", lambda r, i, s, c: fit_args(r, i, f"--model.backbone_args={OTHER_BACKBONE}", f"--ckpt_path={c}"), CheckpointMismatchError, r"last\.ckpt' does not fit.*different shapes.*backbone_args"),
-    ("resume with another recipe", lambda r, i, s, c: fit_args(r, i, "--model.lr=0.5", f"--ckpt_path={c}"), CheckpointMismatchError, r"last\.ckpt' was written with other model settings.*'lr': \(0\.002, 0\.5\)"),
-    ("checkpoint folder outside the root", lambda r, i, s, c: fit_args(r, i, f"--checkpoint.dirpath={r / '..' / 'elsewhere'}"), OutputPathError, r"ModelCheckpoint\.dirpath = '.*elsewhere' lies outside trainer\.default_root_dir"),
-    ("log folder outside the root", lambda r, i, s, c: fit_args(r, i, f'--trainer.logger={{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {{"save_dir": "{s}"}}}}'), OutputPathError, r"CSVLogger\.save_dir = '.*scratch' lies outside"),
+    (
+        "resume with another network",
+        lambda r, i, s, c: fit_args(r, i, f"--model.backbone_args={OTHER_BACKBONE}", f"--ckpt_path={c}"),
+        CheckpointMismatchError,
+        r"last\.ckpt' does not fit.*different shapes.*backbone_args",
+    ),
+    (
+        "resume with another recipe",
+        lambda r, i, s, c: fit_args(r, i, "--model.lr=0.5", f"--ckpt_path={c}"),
+        CheckpointMismatchError,
+        r"last\.ckpt' was written with other model settings.*'lr': \(0\.002, 0\.5\)",
+    ),
+    (
+        "checkpoint folder outside the root",
+        lambda r, i, s, c: fit_args(r, i, f"--checkpoint.dirpath={r / '..' / 'elsewhere'}"),
+        OutputPathError,
+        r"ModelCheckpoint\.dirpath = '.*elsewhere' lies outside trainer\.default_root_dir",
+    ),
+    (
+        "log folder outside the root",
+        lambda r, i, s, c: fit_args(
+            r,
+            i,
+            f'--trainer.logger={{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {{"save_dir": "{s}"}}}}',
+        ),
+        OutputPathError,
+        r"CSVLogger\.save_dir = '.*scratch' lies outside",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("build", "error", "pattern"), [case[1:] for case in CLI_CASES], ids=[case[0] for case in CLI_CASES])
+@pytest.mark.parametrize(
+    ("build", "error", "pattern"), [case[1:] for case in CLI_CASES], ids=[case[0] for case in CLI_CASES]
+)
 def test_bad_input_stops_the_cli_with_a_clear_error_and_writes_nothing_over(
     build: Builder, error: type[BaseException], pattern: str, images: Path, checkpoint: Path, tmp_path: Path, capsys
 ) -> None:
@@ -209,8 +325,15 @@ def test_bad_input_stops_the_cli_with_a_clear_error_and_writes_nothing_over(
 @pytest.mark.slow
 def test_a_bad_input_exits_the_command_with_a_non_zero_status(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "mambaout_pl", "fit", f"--config={RECIPE}", f"--trainer.default_root_dir={tmp_path}",
-         "--model.init_args.learning_rate=0.1"],
+        [
+            sys.executable,
+            "-m",
+            "mambaout_pl",
+            "fit",
+            f"--config={RECIPE}",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--model.init_args.learning_rate=0.1",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -220,11 +343,15 @@ def test_a_bad_input_exits_the_command_with_a_non_zero_status(tmp_path: Path) ->
     assert not list(tmp_path.iterdir())
 
 
-def test_skip_corrupt_trains_past_a_truncated_image_and_counts_it(images: Path, checkpoint: Path, tmp_path: Path) -> None:
+def test_skip_corrupt_trains_past_a_truncated_image_and_counts_it(
+    images: Path, checkpoint: Path, tmp_path: Path
+) -> None:
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     with pytest.warns(UserWarning, match=r"cat_0\.png.*Skipped \(skip_corrupt=True\)"):
-        cli = run_cli(truncated_image(tmp_path, images, scratch, checkpoint, skip=True) + ["--trainer.limit_train_batches=6"])
+        cli = run_cli(
+            truncated_image(tmp_path, images, scratch, checkpoint, skip=True) + ["--trainer.limit_train_batches=6"]
+        )
     assert cli.datamodule.num_skipped >= 1
     assert cli.trainer.global_step == 6
 
@@ -242,12 +369,20 @@ def test_unusual_image_formats_reach_the_batch_as_the_right_rgb(tmp_path: Path) 
     cmyk = Image.new("CMYK", (16, 16), (255, 0, 0, 0))  # pure cyan
     written = {
         "grayscale": (Image.new("L", (16, 16), 90), {}, "PNG"),
-        "rgba": (Image.fromarray(np.dstack([np.full((16, 16, 3), green), np.full((16, 16), 255, np.uint8)])), {}, "PNG"),
+        "rgba": (
+            Image.fromarray(np.dstack([np.full((16, 16, 3), green), np.full((16, 16), 255, np.uint8)])),
+            {},
+            "PNG",
+        ),
         "transparent": (Image.new("RGBA", (16, 16), (0, 0, 0, 0)), {}, "PNG"),
         "cmyk": (cmyk, {}, "JPEG"),
         "gray16": (Image.fromarray(np.full((16, 16), 257 * 60, np.uint16)), {}, "PNG"),
         "exif": (Image.fromarray(sideways), {"exif": exif}, "PNG"),
-        "palette": (Image.new("RGB", (16, 16), tuple(int(v) for v in blue)).convert("P", palette=Image.Palette.ADAPTIVE), {}, "PNG"),
+        "palette": (
+            Image.new("RGB", (16, 16), tuple(int(v) for v in blue)).convert("P", palette=Image.Palette.ADAPTIVE),
+            {},
+            "PNG",
+        ),
     }
     folder = tmp_path / "modes" / "train"
     for name in ("a", "b"):  # an image folder needs two classes to have labels
@@ -255,9 +390,18 @@ def test_unusual_image_formats_reach_the_batch_as_the_right_rgb(tmp_path: Path) 
     for index, (name, (image, options, format)) in enumerate(written.items()):
         image.save(folder / "ab"[index % 2] / f"{index}_{name}.{format.lower()}", format=format, **options)
     data = ImageClassificationDataModule(
-        path="imagefolder", data_dir=str(folder.parent), val_split="train", image_size=16, crop_pct=1.0,
-        interpolation="bilinear", batch_size=len(written), num_workers=0, pin_memory=False, mean=(0, 0, 0),
-        std=(1 / 255, 1 / 255, 1 / 255), cache_dir=str(tmp_path / "cache"),
+        path="imagefolder",
+        data_dir=str(folder.parent),
+        val_split="train",
+        image_size=16,
+        crop_pct=1.0,
+        interpolation="bilinear",
+        batch_size=len(written),
+        num_workers=0,
+        pin_memory=False,
+        mean=(0, 0, 0),
+        std=(1 / 255, 1 / 255, 1 / 255),
+        cache_dir=str(tmp_path / "cache"),
     )
     (batch,) = list(data.val_dataloader())
     order = sorted(range(len(written)), key=lambda index: ("ab"[index % 2], f"{index}_"))  # folder order
@@ -283,7 +427,9 @@ def ade20k(tmp_path: Path) -> Path:
 
 
 def segmentation_module(tmp_path: Path, **kwargs) -> SegmentationDataModule:
-    defaults = dict(crop_size=32, resize_scale=(64, 32), batch_size=2, num_workers=0, pin_memory=False, reduce_zero_label=True)
+    defaults = dict(
+        crop_size=32, resize_scale=(64, 32), batch_size=2, num_workers=0, pin_memory=False, reduce_zero_label=True
+    )
     return SegmentationDataModule(**{**defaults, **kwargs})
 
 
@@ -309,6 +455,11 @@ def test_segmentation_bad_inputs_name_the_file(ade20k: Path, tmp_path: Path) -> 
         from conftest import write_segmentation_parquet
 
         write_segmentation_parquet(parquet)
-        data = segmentation_module(tmp_path, path="parquet", data_files={"train": str(parquet), "validation": str(parquet)},
-                                   num_classes=3, mask_column="labels")
+        data = segmentation_module(
+            tmp_path,
+            path="parquet",
+            data_files={"train": str(parquet), "validation": str(parquet)},
+            num_classes=3,
+            mask_column="labels",
+        )
         data.setup("fit")

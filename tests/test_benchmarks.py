@@ -1,4 +1,5 @@
 """Smoke test of the benchmark suite: every section runs `--quick` at the smallest sizes and writes its rows."""
+
 import importlib
 import json
 import math
@@ -22,10 +23,25 @@ def benchmark_run(monkeypatch):
 
 def test_quick_run_writes_every_section(benchmark_run, tmp_path):
     output = tmp_path / "rows.json"
-    rows = benchmark_run.main([
-        "--quick", "--image-size", "32", "--batch-size", "2", "--rounds", "1", "--steps", "1",
-        "--jpegs", "8", "--threads", "1", "--json", str(output),
-    ])
+    rows = benchmark_run.main(
+        [
+            "--quick",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "2",
+            "--rounds",
+            "1",
+            "--steps",
+            "1",
+            "--jpegs",
+            "8",
+            "--threads",
+            "1",
+            "--json",
+            str(output),
+        ]
+    )
     written = json.loads(output.read_text())
     assert written == [row.as_json() for row in rows]
     names = [row["name"] for row in written]

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from helpers import small_run_args
 
 from mambaout_pl.cli import main, run_cli
@@ -82,7 +81,10 @@ def test_entry_points_print_the_recipe_with_linked_defaults(command: list[str]) 
     assert config["model"]["init_args"]["backbone"] == "mambaout_tiny"
     assert config["model"]["init_args"]["lr"] == 4e-3
     assert config["data"]["init_args"]["auto_augment"] == "rand-m9-mstd0.5-inc1"
-    assert (config["checkpoint"]["monitor"], config["checkpoint"]["mode"]) == ("auto", "auto")  # the task's, at run time
+    assert (config["checkpoint"]["monitor"], config["checkpoint"]["mode"]) == (
+        "auto",
+        "auto",
+    )  # the task's, at run time
 
 
 def test_unknown_backbone_names_close_matches(image_folder: Path, tmp_path: Path) -> None:

@@ -26,4 +26,7 @@ def test_no_subcommand_prints_the_help_and_fails(capsys: pytest.CaptureFixture[s
 def test_version_names_the_package_and_its_main_dependencies(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
     out = capsys.readouterr().out.strip()
-    assert out == f"mambaout-pl {__version__} (torch {torch.__version__}, lightning {lightning.__version__}, timm {timm.__version__})"
+    assert (
+        out
+        == f"mambaout-pl {__version__} (torch {torch.__version__}, lightning {lightning.__version__}, timm {timm.__version__})"
+    )

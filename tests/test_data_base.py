@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import datasets
 import pytest
 import torch
+from data_helpers import gray_id_rows, ids_in, make_classification_module, make_segmentation_module, write_parquet
 
 from mambaout_pl.data import (
     BaseDataModule,
@@ -21,8 +22,6 @@ from mambaout_pl.data import (
     SegmentationDataModule,
     SplitNotFoundError,
 )
-
-from data_helpers import gray_id_rows, ids_in, make_classification_module, make_segmentation_module, write_parquet
 
 
 def test_hold_out_is_seeded_deterministic_and_disjoint(image_folder, tmp_path):

@@ -6,13 +6,12 @@ Every dataset here is generated on disk and read through the same calls a user's
 from __future__ import annotations
 
 import pytest
+from data_helpers import make_classification_module, uniform_png, write_parquet
 
 from mambaout_pl.data import (
     ColumnNotFoundError,
     InvalidLabelError,
 )
-
-from data_helpers import make_classification_module, uniform_png, write_parquet
 
 
 @pytest.mark.parametrize("argument,column", [("label_column", "target"), ("image_column", "img")])

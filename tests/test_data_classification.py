@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from data_helpers import IMAGE_FOLDER_CLASSES, make_classification_module, to_pixels
 
 

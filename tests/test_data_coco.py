@@ -70,12 +70,21 @@ def write_coco(root: Path, split: str = "val") -> Path:
         compressed_rle(DRAWN[3][3]),
     ]
     annotations = []
-    for index, ((name, category, crowd, mask), segmentation) in enumerate(zip(DRAWN, segmentations, strict=True), start=1):
+    for index, ((name, category, crowd, mask), segmentation) in enumerate(
+        zip(DRAWN, segmentations, strict=True), start=1
+    ):
         x, y, w, h = (float(v) for v in mask_utils.toBbox(mask_utils.encode(np.asfortranarray(mask))))
-        annotations.append({
-            "id": index, "image_id": image_ids[name], "category_id": category, "bbox": [x, y, w, h],
-            "area": float(mask.sum()), "iscrowd": crowd, "segmentation": segmentation,
-        })
+        annotations.append(
+            {
+                "id": index,
+                "image_id": image_ids[name],
+                "category_id": category,
+                "bbox": [x, y, w, h],
+                "area": float(mask.sum()),
+                "iscrowd": crowd,
+                "segmentation": segmentation,
+            }
+        )
     content = {
         "images": images,
         "annotations": annotations,
@@ -198,4 +207,3 @@ def test_digit_detection_is_a_coco_folder_of_digits_with_exact_masks(tmp_path):
     for name in ("annotations/instances_train.json", "train/000001.png", "val/000003.png"):
         assert (root / name).read_bytes() == (again / name).read_bytes()
     assert (root / "train" / "000001.png").read_bytes() != (other / "train" / "000001.png").read_bytes()
-

@@ -12,6 +12,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from data_helpers import make_classification_module, to_pixels
 from PIL import Image
 
 from mambaout_pl.data import (
@@ -20,8 +21,6 @@ from mambaout_pl.data import (
     embedded,
     open_dataset,
 )
-
-from data_helpers import make_classification_module, to_pixels
 
 
 @pytest.fixture(scope="module")

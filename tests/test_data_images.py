@@ -9,11 +9,10 @@ import io
 
 import numpy as np
 import torch
+from data_helpers import make_classification_module, png_value, to_pixels
 from PIL import Image
 
 from mambaout_pl.data.images import read_rgb_image
-
-from data_helpers import make_classification_module, png_value, to_pixels
 
 
 def test_grayscale_and_alpha_convert_to_rgb():

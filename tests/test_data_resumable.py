@@ -5,10 +5,9 @@ from __future__ import annotations
 import random
 
 import torch
+from data_helpers import make_classification_module
 
 from mambaout_pl.data.resumable import EpochShuffleSampler, ResumableDataLoader, SeededSamples
-
-from data_helpers import make_classification_module
 
 
 class IndexAndDraw(torch.utils.data.Dataset):

@@ -10,6 +10,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import ADE20K_FOLDER_SIZES, ade20k_label_map
+from data_helpers import make_segmentation_module
 from PIL import Image
 
 from mambaout_pl.data import (
@@ -22,9 +24,6 @@ from mambaout_pl.data import (
     embedded,
     open_dataset,
 )
-
-from conftest import ADE20K_FOLDER_SIZES, ade20k_label_map
-from data_helpers import make_segmentation_module
 
 
 def test_ade20k_folder_splits_classes_and_batches(ade20k_folder, tmp_path):

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from data_helpers import to_pixels
 from torchvision import tv_tensors
 
 from mambaout_pl.data import (
     create_segmentation_transforms,
 )
 from mambaout_pl.data.segmentation_transforms import RandomCategoryCrop, rescale_size
-
-from data_helpers import to_pixels
 
 
 def labelled_image(height: int = 60, width: int = 80) -> tuple[torch.Tensor, torch.Tensor]:

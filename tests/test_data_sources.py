@@ -8,6 +8,7 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
+from data_helpers import IMAGE_FOLDER_CLASSES, make_classification_module, to_pixels, uniform_png, write_parquet
 
 from mambaout_pl.data import (
     DataError,
@@ -15,8 +16,6 @@ from mambaout_pl.data import (
     SplitNotFoundError,
     open_dataset,
 )
-
-from data_helpers import IMAGE_FOLDER_CLASSES, make_classification_module, to_pixels, uniform_png, write_parquet
 
 
 def test_parquet_with_integer_labels(tmp_path):

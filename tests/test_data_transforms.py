@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from data_helpers import to_pixels
 from PIL import Image, ImageOps
 from timm.data import create_transform
 from timm.data.auto_augment import AugmentOp, RandAugment
@@ -18,8 +19,6 @@ from mambaout_pl.data import (
     create_classification_transforms,
 )
 from mambaout_pl.data.transforms import make_posterize_safe
-
-from data_helpers import to_pixels
 
 
 def test_eval_transform_resizes_and_centre_crops():

@@ -18,7 +18,8 @@ def sample(height: int = 16, width: int = 24) -> tuple[tv_tensors.Image, dict]:
     masks[1, 8:12, 15:16] = 1
     target = {
         "boxes": tv_tensors.BoundingBoxes(
-            torch.tensor([[4.0, 2.0, 10.0, 6.0], [15.0, 8.0, 15.0, 12.0]]), format="XYXY", canvas_size=(height, width)),
+            torch.tensor([[4.0, 2.0, 10.0, 6.0], [15.0, 8.0, 15.0, 12.0]]), format="XYXY", canvas_size=(height, width)
+        ),
         "labels": torch.tensor([3, 5]),
         "masks": tv_tensors.Mask(masks),
         "iscrowd": torch.tensor([0, 0]),
@@ -75,7 +76,8 @@ def test_eval_converts_without_resizing_unless_asked():
     torch.testing.assert_close(eval_image.as_subclass(torch.Tensor), image.float() / 255)
     assert eval_target["boxes"].tolist() == target["boxes"].tolist()  # boxes stay where COCO evaluation wants them
     resized_image, resized_target = create_detection_transforms(
-        train=False, min_size=32, max_size=100, resize_eval=True)(image, target)
+        train=False, min_size=32, max_size=100, resize_eval=True
+    )(image, target)
     assert resized_image.shape == (3, 32, 48) and resized_target["boxes"][0].tolist() == [8.0, 4.0, 20.0, 12.0]
 
 

@@ -31,7 +31,11 @@ from mambaout_pl.models.detector import (
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SMALL = dict(
-    num_classes=3, min_size=64, max_size=96, anchor_sizes=(8, 16, 32, 64, 128), fpn_channels=32,
+    num_classes=3,
+    min_size=64,
+    max_size=96,
+    anchor_sizes=(8, 16, 32, 64, 128),
+    fpn_channels=32,
     box_detections_per_img=10,
 )
 LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}

@@ -43,7 +43,12 @@ def test_classifier_exports_in_timm_format_with_ema_weights(image_folder: Path, 
     checkpoint_path = fit_checkpoint(tmp_path / "run", image_folder, "--model.ema_decay=0.5")
     export = export_checkpoint(checkpoint_path, tmp_path / "export")
 
-    assert sorted(p.name for p in export.iterdir()) == ["README.md", "config.json", "export_manifest.json", "model.safetensors"]
+    assert sorted(p.name for p in export.iterdir()) == [
+        "README.md",
+        "config.json",
+        "export_manifest.json",
+        "model.safetensors",
+    ]
     config = json.loads((export / "config.json").read_text())
     assert config["architecture"] == "mambaout_femto"
     assert config["num_classes"] == 3
@@ -128,7 +133,9 @@ def test_export_keeps_an_existing_folder_and_never_half_writes(image_folder: Pat
     target.mkdir()
     (target / "notes.txt").write_text("mine")
     for overwrite in (False, True):
-        with pytest.raises(ExportError, match=r"not empty and is not an earlier export .* holds 1 entries \('notes.txt'\)"):
+        with pytest.raises(
+            ExportError, match=r"not empty and is not an earlier export .* holds 1 entries \('notes.txt'\)"
+        ):
             export_checkpoint(checkpoint_path, target, overwrite=overwrite)
     assert (target / "notes.txt").read_text() == "mine"
     (target / "notes.txt").unlink()
@@ -149,7 +156,12 @@ def test_export_keeps_an_existing_folder_and_never_half_writes(image_folder: Pat
 
     monkeypatch.undo()
     export_checkpoint(checkpoint_path, target, overwrite=True)
-    assert sorted(p.name for p in target.iterdir()) == ["README.md", "config.json", "export_manifest.json", "model.safetensors"]
+    assert sorted(p.name for p in target.iterdir()) == [
+        "README.md",
+        "config.json",
+        "export_manifest.json",
+        "model.safetensors",
+    ]
 
 
 class RecordingHfApi:
@@ -180,15 +192,27 @@ def test_push_creates_the_repo_and_uploads_the_export(image_folder: Path, tmp_pa
     monkeypatch.setattr(hub, "HfApi", RecordingHfApi)
 
     code = main(
-        ["push", str(checkpoint_path), "--repo-id", "user/digits", "--private", "--revision", "v1",
-         "--commit-message", "first"]
+        [
+            "push",
+            str(checkpoint_path),
+            "--repo-id",
+            "user/digits",
+            "--private",
+            "--revision",
+            "v1",
+            "--commit-message",
+            "first",
+        ]
     )
 
     assert code == 0
     api = RecordingHfApi.last
     assert api.token == secret
     (create, branch, upload) = api.calls
-    assert create == ("create_repo", {"repo_id": "user/digits", "private": True, "exist_ok": True, "repo_type": "model"})
+    assert create == (
+        "create_repo",
+        {"repo_id": "user/digits", "private": True, "exist_ok": True, "repo_type": "model"},
+    )
     assert branch[1]["branch"] == "v1"
     assert upload[1]["repo_id"] == "user/digits" and upload[1]["revision"] == "v1"
     assert upload[1]["commit_message"] == "first"
@@ -241,7 +265,7 @@ def test_segmentation_checkpoint_exports_in_our_format_and_loads_strictly(ade20k
     assert "image-segmentation" in (export / "README.md").read_text()
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     network = create_model(config["model_name"], **config["model_args"]).eval()
-    network.load_state_dict({k[len("model."):]: v for k, v in checkpoint["state_dict"].items()})
+    network.load_state_dict({k[len("model.") :]: v for k, v in checkpoint["state_dict"].items()})
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(from_pretrained(export)(images), network(images))
@@ -270,8 +294,13 @@ class FeatureTask(BaseTask):
 def test_a_new_task_exports_through_its_export_spec_alone(tmp_path: Path, monkeypatch, capsys) -> None:
     task = FeatureTask(backbone_args=json.loads(TINY_MAMBAOUT), lr=0.01)
     trainer = Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(task, torch.utils.data.DataLoader(torch.randn(4, 3, 32, 32), batch_size=2))
     checkpoint_path = tmp_path / "features.ckpt"
@@ -279,9 +308,14 @@ def test_a_new_task_exports_through_its_export_spec_alone(tmp_path: Path, monkey
     assert torch.load(checkpoint_path, weights_only=True)["mambaout_pl"]["task"] == "test_hub.FeatureTask"
 
     monkeypatch.setattr(registry, "_ALLOWED_PATHS", set())
-    assert main(["export", str(checkpoint_path), str(tmp_path / "export")]) == 2  # a checkpoint names no code of its own
+    assert (
+        main(["export", str(checkpoint_path), str(tmp_path / "export")]) == 2
+    )  # a checkpoint names no code of its own
     assert "Refusing 'test_hub.FeatureTask'" in capsys.readouterr().err and not (tmp_path / "export").exists()
-    assert main(["export", str(checkpoint_path), str(tmp_path / "export"), "--allow-import-path=test_hub.FeatureTask"]) == 0
+    assert (
+        main(["export", str(checkpoint_path), str(tmp_path / "export"), "--allow-import-path=test_hub.FeatureTask"])
+        == 0
+    )
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert config["task"] == "test_hub.FeatureTask" and config["model_args"]["num_classes"] == 0
     assert "pipeline_tag: image-feature-extraction" in (tmp_path / "export" / "README.md").read_text()

@@ -1,4 +1,5 @@
 """Every mambaout_pl module imports on its own, and mambaout_pl.models has no import cycle."""
+
 import ast
 import subprocess
 import sys
@@ -38,7 +39,9 @@ def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
             continue
         for target in targets:
             parts = target.split(".")
-            longest = next((".".join(parts[:end]) for end in range(len(parts), 0, -1) if ".".join(parts[:end]) in known), None)
+            longest = next(
+                (".".join(parts[:end]) for end in range(len(parts), 0, -1) if ".".join(parts[:end]) in known), None
+            )
             if longest is not None and longest != name:
                 found.add(longest)
     return found
@@ -54,7 +57,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
         stack.append(node)
         for successor in sorted(graph.get(node, ())):
             if state.get(successor) == "open":
-                return stack[stack.index(successor):] + [successor]
+                return stack[stack.index(successor) :] + [successor]
             if successor not in state:
                 cycle = visit(successor)
                 if cycle:
@@ -98,8 +101,12 @@ def test_every_module_imports_first_on_its_own():
         "print(len(names))\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-        cwd=PACKAGE_ROOT.parent, env=None,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=PACKAGE_ROOT.parent,
+        env=None,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert int(result.stdout.split()[-1]) == len(module_names()) > 20
@@ -114,7 +121,9 @@ def test_no_import_cycle_in_the_package():
     # A package's `__init__` re-exports its modules; an edge into it stands for the module it re-exports.
     graph = package_graph()
     packages = {name for name, path in module_names().items() if path.name == "__init__.py"}
-    modules_only = {name: {t for t in targets if t not in packages} for name, targets in graph.items() if name not in packages}
+    modules_only = {
+        name: {t for t in targets if t not in packages} for name, targets in graph.items() if name not in packages
+    }
     cycle = find_cycle(modules_only)
     assert not cycle, f"import cycle: {' -> '.join(cycle)}"
 
@@ -124,10 +133,16 @@ def test_layers_import_only_what_they_may():
     graph = package_graph()
     for name, targets in graph.items():
         if name.startswith("mambaout_pl.models"):
-            assert not {t for t in targets if t.startswith(("mambaout_pl.data", "mambaout_pl.tasks", "mambaout_pl.training", "mambaout_pl.cli"))}, name
+            assert not {
+                t
+                for t in targets
+                if t.startswith(("mambaout_pl.data", "mambaout_pl.tasks", "mambaout_pl.training", "mambaout_pl.cli"))
+            }, name
             source = module_names()[name].read_text()
             assert "import lightning" not in source and "from lightning" not in source, name
         if name.startswith("mambaout_pl.tasks"):
             assert {t for t in targets if t.startswith("mambaout_pl.data")} <= {"mambaout_pl.data.batches"}, name
         if name.startswith("mambaout_pl.data"):
-            assert not {t for t in targets if t.startswith(("mambaout_pl.tasks", "mambaout_pl.models", "mambaout_pl.cli"))}, name
+            assert not {
+                t for t in targets if t.startswith(("mambaout_pl.tasks", "mambaout_pl.models", "mambaout_pl.cli"))
+            }, name

@@ -1,4 +1,5 @@
 """Token mixers against naive references, causality, gradients, the per-stage choice and bad input."""
+
 import functools
 import math
 
@@ -8,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
-from mambaout_pl.models import MambaOut, create_model
-from mambaout_pl.models import mixers
+from mambaout_pl.models import MambaOut, create_model, mixers
 from mambaout_pl.models.mixers import (
     AttentionMixer,
     DepthwiseConvMixer,
@@ -30,6 +30,7 @@ def small_model(**kwargs) -> MambaOut:
 
 # Naive references
 
+
 def loop_selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
     """The S6 recurrence one token at a time."""
     if delta_bias is not None:
@@ -46,21 +47,23 @@ def loop_selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softpl
         for channel in range(channels):
             group = channel // per_group
             decay = torch.exp(delta[:, channel, t, None] * A[channel])
-            state[:, channel] = decay * state[:, channel] + (delta[:, channel, t] * u[:, channel, t])[:, None] * B[:, group, :, t]
-        outputs.append(torch.stack([
-            (state[:, c] * C[:, c // per_group, :, t]).sum(-1) for c in range(channels)
-        ], dim=1))
+            state[:, channel] = (
+                decay * state[:, channel] + (delta[:, channel, t] * u[:, channel, t])[:, None] * B[:, group, :, t]
+            )
+        outputs.append(
+            torch.stack([(state[:, c] * C[:, c // per_group, :, t]).sum(-1) for c in range(channels)], dim=1)
+        )
     y = torch.stack(outputs, dim=-1)
     return y if D is None else y + D[:, None] * u
 
 
 def scan_order(direction, height, width):
     """Token indices (row-major) in the order a direction visits them."""
-    if direction.startswith('row'):
+    if direction.startswith("row"):
         order = [y * width + x for y in range(height) for x in range(width)]
     else:
         order = [y * width + x for x in range(width) for y in range(height)]
-    return order[::-1] if direction.endswith('reversed') else order
+    return order[::-1] if direction.endswith("reversed") else order
 
 
 def reference_ssm_mixer(mixer: SelectiveScanMixer, x: torch.Tensor) -> torch.Tensor:
@@ -77,8 +80,14 @@ def reference_ssm_mixer(mixer: SelectiveScanMixer, x: torch.Tensor) -> torch.Ten
         delta = dt @ mixer.dt_proj_weight[k].double().T
         part = slice(k * channels, (k + 1) * channels)
         y = loop_selective_scan(
-            seq.transpose(1, 2), delta.transpose(1, 2), A[part], B.transpose(1, 2), C.transpose(1, 2),
-            mixer.D[part].double(), mixer.dt_bias[part].double(), delta_softplus=True,
+            seq.transpose(1, 2),
+            delta.transpose(1, 2),
+            A[part],
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            mixer.D[part].double(),
+            mixer.dt_bias[part].double(),
+            delta_softplus=True,
         )
         out[:, order] += y.transpose(1, 2)
     return out.reshape(batch, height, width, channels)
@@ -89,10 +98,15 @@ def reference_attention(mixer: AttentionMixer, x: torch.Tensor) -> torch.Tensor:
     batch, height, width, channels = x.shape
     size = mixer.window_size
     heads, head_dim = mixer.num_heads, channels // mixer.num_heads
-    windows = [[(y, x_) for y in range(height) for x_ in range(width)]] if size is None else [
-        [(y, x_) for y in range(wy, min(wy + size, height)) for x_ in range(wx, min(wx + size, width))]
-        for wy in range(0, height, size) for wx in range(0, width, size)
-    ]
+    windows = (
+        [[(y, x_) for y in range(height) for x_ in range(width)]]
+        if size is None
+        else [
+            [(y, x_) for y in range(wy, min(wy + size, height)) for x_ in range(wx, min(wx + size, width))]
+            for wy in range(0, height, size)
+            for wx in range(0, width, size)
+        ]
+    )
     out = torch.zeros_like(x)
     for window in windows:
         ys, xs = zip(*window)
@@ -101,7 +115,7 @@ def reference_attention(mixer: AttentionMixer, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (t.view(batch, len(window), heads, head_dim).transpose(1, 2) for t in (q, k, v))
         scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
         if mixer.causal:
-            scores = scores.masked_fill(torch.ones(len(window), len(window)).triu(1).bool(), float('-inf'))
+            scores = scores.masked_fill(torch.ones(len(window), len(window)).triu(1).bool(), float("-inf"))
         weights = scores.exp() / scores.exp().sum(-1, keepdim=True)
         out[:, list(ys), list(xs)] = (weights @ v).transpose(1, 2).reshape(batch, len(window), channels)
     return out
@@ -109,7 +123,8 @@ def reference_attention(mixer: AttentionMixer, x: torch.Tensor) -> torch.Tensor:
 
 # Against the references
 
-@pytest.mark.parametrize('chunk_size', [None, 1, 5, 16, 64])
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 5, 16, 64])
 def test_selective_scan_matches_the_loop(chunk_size):
     torch.manual_seed(0)
     batch, groups, channels, state, length = 2, 2, 6, 4, 23
@@ -135,8 +150,8 @@ def test_selective_scan_matches_the_loop(chunk_size):
 def test_selective_scan_stays_finite_for_strong_decay():
     torch.manual_seed(0)
     u = torch.randn(1, 3, 50)
-    delta = torch.full((1, 3, 50), 30.)
-    A = -torch.full((3, 2), 50.)  # decays of exp(-1500) per token: far below float32's range
+    delta = torch.full((1, 3, 50), 30.0)
+    A = -torch.full((3, 2), 50.0)  # decays of exp(-1500) per token: far below float32's range
     B, C = torch.randn(1, 2, 50), torch.randn(1, 2, 50)
     expected = loop_selective_scan(u.double(), delta.double(), A.double(), B.double(), C.double())
     for chunk_size in (None, 8):
@@ -145,18 +160,18 @@ def test_selective_scan_stays_finite_for_strong_decay():
         torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize('scan', ['raster', 'bidirectional', 'cross'])
+@pytest.mark.parametrize("scan", ["raster", "bidirectional", "cross"])
 def test_ssm_mixer_matches_the_reference(scan):
     torch.manual_seed(0)
     mixer = SelectiveScanMixer(6, scan=scan, kernel_size=3, d_state=4).double()
     x = torch.randn(2, 3, 5, 6, dtype=torch.float64)  # not square, so rows and columns differ
     with torch.no_grad():
         torch.testing.assert_close(mixer(x), reference_ssm_mixer(mixer, x), atol=1e-8, rtol=1e-6)
-    assert mixer.x_proj_weight.shape[0] == len(mixer.directions) == {'raster': 1, 'bidirectional': 2, 'cross': 4}[scan]
+    assert mixer.x_proj_weight.shape[0] == len(mixer.directions) == {"raster": 1, "bidirectional": 2, "cross": 4}[scan]
 
 
-@pytest.mark.parametrize('causal', [False, True], ids=['full', 'causal'])
-@pytest.mark.parametrize('window_size', [None, 3, 4], ids=['global', 'window3', 'window4'])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("window_size", [None, 3, 4], ids=["global", "window3", "window4"])
 def test_attention_matches_explicit_softmax(causal, window_size):
     torch.manual_seed(0)
     mixer = AttentionMixer(8, num_heads=2, causal=causal, window_size=window_size).double()
@@ -176,23 +191,23 @@ def test_causal_conv_drops_the_taps_after_the_centre():
         plain.weight[:, :, 3:] = 0  # rows below
     x = torch.randn(2, 6, 7, 4)
     torch.testing.assert_close(causal(x), plain(x))
-    assert causal.state_dict().keys() == plain.state_dict().keys() == {'weight', 'bias'}
+    assert causal.state_dict().keys() == plain.state_dict().keys() == {"weight", "bias"}
 
 
 # Causality
 
 CAUSAL = {
-    'gated_conv causal': ('gated_conv', dict(causal=True)),
-    'ssm raster': ('ssm', dict(scan='raster')),
-    'attention causal': ('attention', dict(causal=True)),
-    'attention causal window': ('attention', dict(causal=True, window_size=4)),
+    "gated_conv causal": ("gated_conv", dict(causal=True)),
+    "ssm raster": ("ssm", dict(scan="raster")),
+    "attention causal": ("attention", dict(causal=True)),
+    "attention causal window": ("attention", dict(causal=True, window_size=4)),
 }
 NOT_CAUSAL = {
-    'gated_conv': ('gated_conv', {}),
-    'ssm bidirectional': ('ssm', dict(scan='bidirectional')),
-    'ssm cross': ('ssm', dict(scan='cross')),
-    'attention full': ('attention', dict(causal=False)),
-    'attention full window': ('attention', dict(causal=False, window_size=4)),
+    "gated_conv": ("gated_conv", {}),
+    "ssm bidirectional": ("ssm", dict(scan="bidirectional")),
+    "ssm cross": ("ssm", dict(scan="cross")),
+    "attention full": ("attention", dict(causal=False)),
+    "attention full window": ("attention", dict(causal=False, window_size=4)),
 }
 
 
@@ -201,23 +216,23 @@ def outputs_before_and_after_changing_the_future(name, kwargs, t):
     mixer = create_mixer(name, 8, **kwargs)
     x = torch.randn(2, 6, 7, 8)
     changed = x.clone().view(2, 42, 8)
-    changed[:, t + 1:] = torch.randn_like(changed[:, t + 1:])
+    changed[:, t + 1 :] = torch.randn_like(changed[:, t + 1 :])
     with torch.no_grad():
         before = mixer(x).reshape(2, 42, 8)
         after = mixer(changed.view(2, 6, 7, 8)).reshape(2, 42, 8)
     return before, after
 
 
-@pytest.mark.parametrize('mixer', list(CAUSAL), ids=list(CAUSAL))
+@pytest.mark.parametrize("mixer", list(CAUSAL), ids=list(CAUSAL))
 def test_causal_mixers_ignore_later_tokens(mixer):
     name, kwargs = CAUSAL[mixer]
     for t in (0, 17, 40):
         before, after = outputs_before_and_after_changing_the_future(name, kwargs, t)
-        torch.testing.assert_close(after[:, :t + 1], before[:, :t + 1], atol=1e-6, rtol=0)
-        assert (after[:, t + 1:] - before[:, t + 1:]).abs().max() > 1e-3
+        torch.testing.assert_close(after[:, : t + 1], before[:, : t + 1], atol=1e-6, rtol=0)
+        assert (after[:, t + 1 :] - before[:, t + 1 :]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize('mixer', list(NOT_CAUSAL), ids=list(NOT_CAUSAL))
+@pytest.mark.parametrize("mixer", list(NOT_CAUSAL), ids=list(NOT_CAUSAL))
 def test_other_mixers_see_later_tokens(mixer):
     name, kwargs = NOT_CAUSAL[mixer]
     before, after = outputs_before_and_after_changing_the_future(name, kwargs, 17)
@@ -225,11 +240,11 @@ def test_other_mixers_see_later_tokens(mixer):
 
 
 def test_raster_ssm_block_is_causal():
-    model = small_model(token_mixer='ssm', scan='raster')
+    model = small_model(token_mixer="ssm", scan="raster")
     block = model.stages[1].blocks[0]
     x = torch.randn(1, 4, 5, 32)
     changed = x.clone().view(1, 20, 32)
-    changed[:, 9:] += 1.
+    changed[:, 9:] += 1.0
     with torch.no_grad():
         before, after = block(x).view(1, 20, 32), block(changed.view(1, 4, 5, 32)).view(1, 20, 32)
     torch.testing.assert_close(after[:, :9], before[:, :9], atol=1e-6, rtol=0)
@@ -237,7 +252,8 @@ def test_raster_ssm_block_is_causal():
 
 # Gradients
 
-@pytest.mark.parametrize('mixer', list(CAUSAL) + list(NOT_CAUSAL), ids=list(CAUSAL) + list(NOT_CAUSAL))
+
+@pytest.mark.parametrize("mixer", list(CAUSAL) + list(NOT_CAUSAL), ids=list(CAUSAL) + list(NOT_CAUSAL))
 def test_gradients_reach_every_parameter_and_the_input(mixer):
     name, kwargs = {**CAUSAL, **NOT_CAUSAL}[mixer]
     torch.manual_seed(0)
@@ -252,7 +268,7 @@ def test_gradients_reach_every_parameter_and_the_input(mixer):
 
 def test_model_with_each_mixer_trains_a_step():
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
-    for kwargs in (dict(token_mixer='ssm', scan='cross'), dict(token_mixer='attention', causal=True)):
+    for kwargs in (dict(token_mixer="ssm", scan="cross"), dict(token_mixer="attention", causal=True)):
         model = small_model(**kwargs)
         loss = F.cross_entropy(model(x), y)
         loss.backward()
@@ -262,12 +278,13 @@ def test_model_with_each_mixer_trains_a_step():
 
 # The per-stage choice
 
+
 def test_default_is_the_gated_conv_with_timm_keys():
     torch.manual_seed(0)
-    default = create_model('mambaout_femto')
+    default = create_model("mambaout_femto")
     torch.manual_seed(0)
-    explicit = create_model('mambaout_femto', token_mixer='gated_conv')
-    reference = timm.create_model('mambaout_femto', pretrained=False)
+    explicit = create_model("mambaout_femto", token_mixer="gated_conv")
+    reference = timm.create_model("mambaout_femto", pretrained=False)
     assert list(default.state_dict()) == list(explicit.state_dict()) == list(reference.state_dict())
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -277,8 +294,8 @@ def test_default_is_the_gated_conv_with_timm_keys():
 
 def test_one_mixer_per_stage():
     model = small_model(
-        token_mixer=['gated_conv', 'ssm', 'attention', 'attention'],
-        scan='cross',
+        token_mixer=["gated_conv", "ssm", "attention", "attention"],
+        scan="cross",
         causal=[None, None, True, False],
         window_size=[None, None, 4, None],
         d_state=8,
@@ -286,7 +303,7 @@ def test_one_mixer_per_stage():
     first = [stage.blocks[0].conv for stage in model.stages]
     assert [type(m) for m in first] == [DepthwiseConvMixer, SelectiveScanMixer, AttentionMixer, AttentionMixer]
     assert not first[0].causal
-    assert first[1].scan == 'cross' and first[1].d_state == 8
+    assert first[1].scan == "cross" and first[1].d_state == 8
     assert (first[2].causal, first[2].window_size) == (True, 4)
     assert (first[3].causal, first[3].window_size) == (False, None)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
@@ -294,20 +311,22 @@ def test_one_mixer_per_stage():
 
 
 def test_mixer_arguments_reach_create_model_and_the_mixers():
-    model = create_model('mambaout_femto', token_mixer='attention', num_heads=[1, 2, 4, 8], mixer_args={'max_tokens': 10})
+    model = create_model(
+        "mambaout_femto", token_mixer="attention", num_heads=[1, 2, 4, 8], mixer_args={"max_tokens": 10}
+    )
     assert [stage.blocks[0].conv.num_heads for stage in model.stages] == [1, 2, 4, 8]
     assert model.stages[0].blocks[0].conv.max_tokens == 10
-    ssm = create_model('mambaout_femto', token_mixer='ssm', mixer_args={'dt_rank': 5})
+    ssm = create_model("mambaout_femto", token_mixer="ssm", mixer_args={"dt_rank": 5})
     assert ssm.stages[3].blocks[0].conv.dt_proj_weight.shape == (1, 288, 5)
 
 
 def test_ssm_decay_stays_out_of_weight_decay():
-    model = small_model(token_mixer='ssm')
+    model = small_model(token_mixer="ssm")
     assert model.no_weight_decay() == {
-        f'stages.{s}.blocks.{b}.conv.A_log' for s, depth in enumerate(SMALL['depths']) for b in range(depth)
+        f"stages.{s}.blocks.{b}.conv.A_log" for s, depth in enumerate(SMALL["depths"]) for b in range(depth)
     }
-    optimizer = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05)
-    no_decay = {id(p) for g in optimizer.param_groups if g['weight_decay'] == 0 for p in g['params']}
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     block = model.stages[0].blocks[0].conv
     assert id(block.A_log) in no_decay and id(block.D) in no_decay and id(block.dt_bias) in no_decay
     assert id(block.x_proj_weight) not in no_decay
@@ -315,73 +334,81 @@ def test_ssm_decay_stays_out_of_weight_decay():
 
 # Bad input
 
+
 def test_unknown_mixer_lists_the_choices():
     with pytest.raises(ValueError, match="Unknown token_mixer 'mamba'.*'gated_conv', 'ssm', 'attention'"):
-        create_model('mambaout_femto', token_mixer='mamba')
+        create_model("mambaout_femto", token_mixer="mamba")
     with pytest.raises(ValueError, match=r"Unknown token_mixer 'atention' \(stage 2\)"):
-        create_model('mambaout_femto', token_mixer=['gated_conv', 'ssm', 'atention', 'attention'])
+        create_model("mambaout_femto", token_mixer=["gated_conv", "ssm", "atention", "attention"])
 
 
 def test_mixer_list_must_have_one_entry_per_stage():
-    with pytest.raises(ValueError, match='token_mixer has 3 entries .* 4 stages'):
-        create_model('mambaout_femto', token_mixer=['ssm', 'ssm', 'attention'])
-    with pytest.raises(ValueError, match='window_size has 2 entries'):
-        create_model('mambaout_femto', token_mixer='attention', window_size=[7, 7])
+    with pytest.raises(ValueError, match="token_mixer has 3 entries .* 4 stages"):
+        create_model("mambaout_femto", token_mixer=["ssm", "ssm", "attention"])
+    with pytest.raises(ValueError, match="window_size has 2 entries"):
+        create_model("mambaout_femto", token_mixer="attention", window_size=[7, 7])
 
 
 def test_unknown_scan_lists_the_choices():
     with pytest.raises(ValueError, match="Unknown scan 'zigzag'.*'raster', 'bidirectional', 'cross'"):
-        create_model('mambaout_femto', token_mixer='ssm', scan='zigzag')
+        create_model("mambaout_femto", token_mixer="ssm", scan="zigzag")
 
 
 def test_arguments_that_no_chosen_mixer_takes():
     with pytest.raises(ValueError, match="scan='cross' does not apply to token_mixer 'gated_conv': only 'ssm'"):
-        create_model('mambaout_femto', scan='cross')
+        create_model("mambaout_femto", scan="cross")
     with pytest.raises(ValueError, match="causal=True does not apply to token_mixer 'ssm'.*scan='raster' is causal"):
-        create_model('mambaout_femto', token_mixer='ssm', causal=True)
+        create_model("mambaout_femto", token_mixer="ssm", causal=True)
     with pytest.raises(ValueError, match=r"window_size\[0\]=7, but stage 0 uses token_mixer 'gated_conv'"):
-        create_model('mambaout_femto', token_mixer=['gated_conv', 'attention', 'attention', 'attention'],
-                     window_size=[7, 7, None, None])
+        create_model(
+            "mambaout_femto",
+            token_mixer=["gated_conv", "attention", "attention", "attention"],
+            window_size=[7, 7, None, None],
+        )
     with pytest.raises(ValueError, match="takes no argument 'kernel'"):
-        create_mixer('gated_conv', 8, kernel=3)
-    with pytest.raises(ValueError, match='scan given both by name and inside mixer_args'):
-        create_model('mambaout_femto', token_mixer='ssm', scan='raster', mixer_args={'scan': 'cross'})
+        create_mixer("gated_conv", 8, kernel=3)
+    with pytest.raises(ValueError, match="scan given both by name and inside mixer_args"):
+        create_model("mambaout_femto", token_mixer="ssm", scan="raster", mixer_args={"scan": "cross"})
     with pytest.raises(TypeError, match="unexpected keyword argument 'scna'.*scan"):
-        create_model('mambaout_femto', token_mixer='ssm', scna='cross')
+        create_model("mambaout_femto", token_mixer="ssm", scna="cross")
 
 
 def test_attention_heads_must_divide_the_channels():
-    with pytest.raises(ValueError, match='48 channels cannot use num_heads=5'):
-        create_model('mambaout_femto', token_mixer='attention', num_heads=5)
+    with pytest.raises(ValueError, match="48 channels cannot use num_heads=5"):
+        create_model("mambaout_femto", token_mixer="attention", num_heads=5)
 
 
 def test_attention_over_a_huge_stage_needs_windows():
-    with torch.device('meta'):
-        model = create_model('mambaout_femto', token_mixer='attention')
-        windowed = create_model('mambaout_femto', token_mixer='attention', window_size=[8, 8, None, None])
-    image = torch.empty(1, 3, 800, 1280, device='meta')
-    with pytest.raises(ValueError, match=r'200x320 stage is 64000 tokens, more than max_tokens=4096.*window_size'):
+    with torch.device("meta"):
+        model = create_model("mambaout_femto", token_mixer="attention")
+        windowed = create_model("mambaout_femto", token_mixer="attention", window_size=[8, 8, None, None])
+    image = torch.empty(1, 3, 800, 1280, device="meta")
+    with pytest.raises(ValueError, match=r"200x320 stage is 64000 tokens, more than max_tokens=4096.*window_size"):
         model(image)
     assert windowed(image).shape == (1, 1000)  # shapes only: the meta device computes nothing
 
 
 def test_stage_mixers_resolves_values_per_stage():
-    assert stage_mixers(2, 'ssm', {'scan': 'cross', 'causal': None}) == [MixerSpec('ssm', {'scan': 'cross'})] * 2
-    assert stage_mixers(2, ['gated_conv', 'attention'], {'causal': True}) == [
-        MixerSpec('gated_conv', {'causal': True}), MixerSpec('attention', {'causal': True})]
-    assert stage_mixers(2, ['ssm', 'attention'], {'window_size': 7}) == [
-        MixerSpec('ssm'), MixerSpec('attention', {'window_size': 7})]
+    assert stage_mixers(2, "ssm", {"scan": "cross", "causal": None}) == [MixerSpec("ssm", {"scan": "cross"})] * 2
+    assert stage_mixers(2, ["gated_conv", "attention"], {"causal": True}) == [
+        MixerSpec("gated_conv", {"causal": True}),
+        MixerSpec("attention", {"causal": True}),
+    ]
+    assert stage_mixers(2, ["ssm", "attention"], {"window_size": 7}) == [
+        MixerSpec("ssm"),
+        MixerSpec("attention", {"window_size": 7}),
+    ]
 
 
 def test_mixer_args_dict_and_names_build_the_same_model():
     torch.manual_seed(0)
-    by_dict = create_model('mambaout_femto', token_mixer='ssm', mixer_args={'scan': 'cross', 'd_state': 4})
+    by_dict = create_model("mambaout_femto", token_mixer="ssm", mixer_args={"scan": "cross", "d_state": 4})
     torch.manual_seed(0)
-    by_name = create_model('mambaout_femto', token_mixer='ssm', scan='cross', d_state=4)
+    by_name = create_model("mambaout_femto", token_mixer="ssm", scan="cross", d_state=4)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(by_dict(x), by_name(x), atol=0, rtol=0)
-    assert by_dict.stages[0].blocks[0].conv.scan == 'cross' and by_dict.stages[0].blocks[0].conv.d_state == 4
+    assert by_dict.stages[0].blocks[0].conv.scan == "cross" and by_dict.stages[0].blocks[0].conv.d_state == 4
 
 
 class ShiftMixer(torch.nn.Module):
@@ -390,40 +417,43 @@ class ShiftMixer(torch.nn.Module):
     def __init__(self, dim, shift=1):
         super().__init__()
         self.shift = shift
-        self.scale = torch.nn.Parameter(torch.full((dim,), 2.))
+        self.scale = torch.nn.Parameter(torch.full((dim,), 2.0))
 
     def forward(self, x):
         return torch.roll(x, self.shift, dims=1) * self.scale
 
 
 def test_layer_factories_reach_the_blocks_unchanged():
-    spec = MixerSpec('attention', {'causal': True, 'num_heads': 2})
-    model = small_model(token_mixer=[functools.partial(ShiftMixer, shift=2), 'gated_conv', spec, spec], kernel_size=5)
+    spec = MixerSpec("attention", {"causal": True, "num_heads": 2})
+    model = small_model(token_mixer=[functools.partial(ShiftMixer, shift=2), "gated_conv", spec, spec], kernel_size=5)
     first = [stage.blocks[0].conv for stage in model.stages]
     assert type(first[0]) is ShiftMixer and first[0].shift == 2 and first[0].scale.shape == (16,)
     assert first[1].kernel_size == (5, 5)  # a name takes the model's kernel_size
     assert (first[2].causal, first[2].num_heads) == (True, 2)
     x = torch.randn(1, 3, 4, 16)
-    torch.testing.assert_close(first[0](x), torch.roll(x, 2, dims=1) * 2.)
+    torch.testing.assert_close(first[0](x), torch.roll(x, 2, dims=1) * 2.0)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
-    assert MixerSpec('ssm').with_defaults(kernel_size=3)(8).conv.kernel_size == (3, 3)
-    assert MixerSpec('ssm', {'kernel_size': 5}).with_defaults(kernel_size=3)(8).conv.kernel_size == (5, 5)
-    with pytest.raises(ValueError, match=r"causal=True does not apply to token_mixer \['ShiftMixer', 'ssm', 'ssm', 'ssm'\]"):
-        small_model(token_mixer=[ShiftMixer, 'ssm', 'ssm', 'ssm'], causal=True)
+    assert MixerSpec("ssm").with_defaults(kernel_size=3)(8).conv.kernel_size == (3, 3)
+    assert MixerSpec("ssm", {"kernel_size": 5}).with_defaults(kernel_size=3)(8).conv.kernel_size == (5, 5)
+    with pytest.raises(
+        ValueError, match=r"causal=True does not apply to token_mixer \['ShiftMixer', 'ssm', 'ssm', 'ssm'\]"
+    ):
+        small_model(token_mixer=[ShiftMixer, "ssm", "ssm", "ssm"], causal=True)
     with pytest.raises(ValueError, match="token_mixer 'ssm' takes no argument 'causal'"):
-        MixerSpec('ssm', {'causal': True})
+        MixerSpec("ssm", {"causal": True})
 
 
 # The CUDA kernel
+
 
 def _kernel_available() -> bool:
     return mixers.selective_scan_fn is not None and torch.cuda.is_available()
 
 
-@pytest.mark.skipif(not _kernel_available(), reason='needs the mamba_ssm package and a CUDA GPU')
+@pytest.mark.skipif(not _kernel_available(), reason="needs the mamba_ssm package and a CUDA GPU")
 def test_pure_pytorch_scan_matches_the_mamba_ssm_kernel():
     torch.manual_seed(0)
-    device = torch.device('cuda')
+    device = torch.device("cuda")
     batch, groups, channels, state, length = 2, 4, 64, 16, 300
     u = torch.randn(batch, channels, length, device=device)
     delta = torch.randn(batch, channels, length, device=device)
@@ -436,7 +466,7 @@ def test_pure_pytorch_scan_matches_the_mamba_ssm_kernel():
         ours = selective_scan(u, delta, A, B, C, D, delta_bias=bias, delta_softplus=True, chunk_size=chunk_size)
         torch.testing.assert_close(ours, kernel, atol=1e-4, rtol=1e-4)
 
-    for scan in ('raster', 'bidirectional', 'cross'):
+    for scan in ("raster", "bidirectional", "cross"):
         mixer = SelectiveScanMixer(32, scan=scan).to(device)
         x = torch.randn(2, 14, 14, 32, device=device)
         with torch.no_grad():

@@ -38,10 +38,19 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def fit_args(root: Path, images: Path, *extra: str) -> list[str]:
     return [
-        "fit", f"--config={RECIPE}", *cpu_trainer_args(root), "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--data.path=imagefolder",
-        f"--data.data_dir={images}", "--data.image_size=32", "--data.batch_size=2", "--data.num_workers=0",
-        f"--model.backbone_args={TINY_BACKBONE}", *extra,
+        "fit",
+        f"--config={RECIPE}",
+        *cpu_trainer_args(root),
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=1",
+        "--trainer.limit_val_batches=1",
+        "--data.path=imagefolder",
+        f"--data.data_dir={images}",
+        "--data.image_size=32",
+        "--data.batch_size=2",
+        "--data.num_workers=0",
+        f"--model.backbone_args={TINY_BACKBONE}",
+        *extra,
     ]
 
 
@@ -75,6 +84,7 @@ def earlier_run(root: Path, checkpoint: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # output paths: checked where they resolve, before anything is written
 
+
 def logger(kind: str, root: Path, **options: str) -> str:
     init_args = json.dumps({"save_dir": str(root), **options})
     return f'--trainer.logger={{"class_path": "lightning.pytorch.loggers.{kind}", "init_args": {init_args}}}'
@@ -85,24 +95,69 @@ def profiler(**options: str) -> str:
 
 
 def prediction_writer(folder: Path) -> str:
-    writer = {"class_path": "mambaout_pl.tasks.segmentation_outputs.SegmentationMaskWriter", "init_args": {"output_dir": str(folder)}}
+    writer = {
+        "class_path": "mambaout_pl.tasks.segmentation_outputs.SegmentationMaskWriter",
+        "init_args": {"output_dir": str(folder)},
+    }
     return f"--trainer.callbacks={json.dumps([writer])}"
 
 
 # (id, extra fit arguments from (root, a folder outside it), key, value in the message)
 OUTPUT_CASES: list[tuple[str, Callable[[Path, Path], list[str]], str, str]] = [
-    ("TensorBoard logger name leading out", lambda r, o: [logger("TensorBoardLogger", r, name="../escaped")], "TensorBoardLogger.name", "../escaped"),
-    ("CSV logger version leading out", lambda r, o: [logger("CSVLogger", r, version="../../escaped")], "CSVLogger.version", "../../escaped"),
-    ("TensorBoard sub_dir leading out", lambda r, o: [logger("TensorBoardLogger", r, sub_dir="../../../escaped")], "TensorBoardLogger.sub_dir", "../../../escaped"),
-    ("checkpoint file name leading out", lambda r, o: ["--checkpoint.filename=../../../../escaped/best"], "ModelCheckpoint.filename", "../../../../escaped/best"),
-    ("latest checkpoint file name absolute", lambda r, o: [f"--latest_checkpoint.filename={o}/latest"], "ModelCheckpoint.filename", "{outside}/latest"),
-    ("profiler folder elsewhere", lambda r, o: [profiler(dirpath=str(o), filename="perf")], "SimpleProfiler.dirpath", "{outside}"),
-    ("profiler file name leading out", lambda r, o: [profiler(filename="../../../escaped")], "SimpleProfiler.filename", "../../../escaped"),
-    ("prediction writer folder elsewhere", lambda r, o: [prediction_writer(o)], "SegmentationMaskWriter.output_dir", "{outside}"),
+    (
+        "TensorBoard logger name leading out",
+        lambda r, o: [logger("TensorBoardLogger", r, name="../escaped")],
+        "TensorBoardLogger.name",
+        "../escaped",
+    ),
+    (
+        "CSV logger version leading out",
+        lambda r, o: [logger("CSVLogger", r, version="../../escaped")],
+        "CSVLogger.version",
+        "../../escaped",
+    ),
+    (
+        "TensorBoard sub_dir leading out",
+        lambda r, o: [logger("TensorBoardLogger", r, sub_dir="../../../escaped")],
+        "TensorBoardLogger.sub_dir",
+        "../../../escaped",
+    ),
+    (
+        "checkpoint file name leading out",
+        lambda r, o: ["--checkpoint.filename=../../../../escaped/best"],
+        "ModelCheckpoint.filename",
+        "../../../../escaped/best",
+    ),
+    (
+        "latest checkpoint file name absolute",
+        lambda r, o: [f"--latest_checkpoint.filename={o}/latest"],
+        "ModelCheckpoint.filename",
+        "{outside}/latest",
+    ),
+    (
+        "profiler folder elsewhere",
+        lambda r, o: [profiler(dirpath=str(o), filename="perf")],
+        "SimpleProfiler.dirpath",
+        "{outside}",
+    ),
+    (
+        "profiler file name leading out",
+        lambda r, o: [profiler(filename="../../../escaped")],
+        "SimpleProfiler.filename",
+        "../../../escaped",
+    ),
+    (
+        "prediction writer folder elsewhere",
+        lambda r, o: [prediction_writer(o)],
+        "SegmentationMaskWriter.output_dir",
+        "{outside}",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("build", "key", "value"), [case[1:] for case in OUTPUT_CASES], ids=[case[0] for case in OUTPUT_CASES])
+@pytest.mark.parametrize(
+    ("build", "key", "value"), [case[1:] for case in OUTPUT_CASES], ids=[case[0] for case in OUTPUT_CASES]
+)
 def test_output_paths_outside_the_root_are_refused_before_writing(
     build: Callable[[Path, Path], list[str]], key: str, value: str, images: Path, checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -129,7 +184,9 @@ def test_overwrite_never_deletes_a_run_folder(checkpoint: Path, tmp_path: Path, 
     before = snapshot(run)
     assert main(["export", str(checkpoint), str(run), "--overwrite"]) == 2
     message = capsys.readouterr().err
-    assert f"Export target '{run}' is not empty and is not an earlier export (it has no export_manifest.json)" in message
+    assert (
+        f"Export target '{run}' is not empty and is not an earlier export (it has no export_manifest.json)" in message
+    )
     assert "'checkpoints/', 'config.yaml'" in message and "including checkpoints" in message
     assert "never replaces such a folder, --overwrite included" in message
     assert snapshot(run) == before
@@ -145,7 +202,10 @@ def test_overwrite_keeps_files_an_export_did_not_write(checkpoint: Path, tmp_pat
     before = snapshot(target)
     assert main(["export", str(checkpoint), str(target), "--overwrite"]) == 2
     message = capsys.readouterr().err
-    assert f"Export target '{target}' holds an earlier export and 1 entries ('notes.md'), which that export did not write" in message
+    assert (
+        f"Export target '{target}' holds an earlier export and 1 entries ('notes.md'), which that export did not write"
+        in message
+    )
     assert snapshot(target) == before
     (target / "notes.md").unlink()
     (target / "model.safetensors").write_bytes(b"stale")
@@ -233,7 +293,9 @@ def test_two_runs_started_together_get_their_own_version_folders(images: Path, t
     root = tmp_path / "runs"
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "mambaout_pl", *fit_args(root, images)]
-    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment) for _ in range(2)]
+    processes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment) for _ in range(2)
+    ]
     outputs = [process.communicate(timeout=300)[0].decode() for process in processes]
     assert [process.returncode for process in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     runs = sorted((root / "lightning_logs").iterdir())

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mambaout_pl.data import create_classification_transforms, create_segmentation_transforms
-from mambaout_pl.data.resumable import EpochShuffleSampler, sample_seed
 from mambaout_pl.data.images import to_rgb
+from mambaout_pl.data.resumable import EpochShuffleSampler, sample_seed
 from mambaout_pl.tasks.segmentation_metrics import confusion_scores, segmentation_metrics
 
 IGNORE = 255

@@ -115,8 +115,10 @@ def test_hub_repo_names_run_nothing(marker: Path, tmp_path: Path, monkeypatch) -
     # that boundary by ones that return a local snapshot folder, as a download would.
     snapshot = write_export_folder(
         tmp_path / "snapshot",
-        {"model_name": "mambaout_pl.models.UperNetSegmentor",
-         "model_args": {"backbone": "evil_module.Net", "num_classes": 2}},
+        {
+            "model_name": "mambaout_pl.models.UperNetSegmentor",
+            "model_args": {"backbone": "evil_module.Net", "num_classes": 2},
+        },
     )
     requested = []
 
@@ -134,7 +136,9 @@ def test_hub_repo_names_run_nothing(marker: Path, tmp_path: Path, monkeypatch) -
         from_pretrained("hf-hub:attacker/repo@main")
     assert_refused(str(raised.value), "evil_module.Net", f"'{snapshot / 'config.json'}' (of hf-hub:attacker/repo@main)")
     assert requested == [("attacker/repo", "main", ("*.safetensors", "*.json", "*.md"))]  # no pickle is fetched
-    (snapshot / "config.json").write_text(json.dumps({"backbone": "os.system", "backbone_args": {"command": f"touch {marker}"}}))
+    (snapshot / "config.json").write_text(
+        json.dumps({"backbone": "os.system", "backbone_args": {"command": f"touch {marker}"}})
+    )
     with pytest.raises(UntrustedNameError, match="Refusing 'os.system'"):
         UperNetSegmentor.from_pretrained("attacker/repo")
     assert not marker.exists() and "evil_module" not in sys.modules
@@ -142,7 +146,9 @@ def test_hub_repo_names_run_nothing(marker: Path, tmp_path: Path, monkeypatch) -
 
 def test_timm_format_folder_builds_only_timm_models(marker: Path, tmp_path: Path) -> None:
     folder = write_export_folder(tmp_path / "export", {"architecture": "evil_module.Net", "model_args": {}})
-    with pytest.raises(UnknownModelError, match=r"config\.json' names architecture 'evil_module\.Net', which is not a timm model"):
+    with pytest.raises(
+        UnknownModelError, match=r"config\.json' names architecture 'evil_module\.Net', which is not a timm model"
+    ):
         from_pretrained(folder)
     assert not marker.exists() and "evil_module" not in sys.modules
 
@@ -158,19 +164,37 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def fit_args(root: Path, images: Path, *extra: str) -> list[str]:
     return [
-        "fit", f"--config={RECIPE}", *cpu_trainer_args(root), "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--data.path=imagefolder",
-        f"--data.data_dir={images}", "--data.image_size=32", "--data.batch_size=2", "--data.num_workers=0",
-        f"--model.backbone_args={TINY_BACKBONE}", *extra,
+        "fit",
+        f"--config={RECIPE}",
+        *cpu_trainer_args(root),
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=1",
+        "--trainer.limit_val_batches=1",
+        "--data.path=imagefolder",
+        f"--data.data_dir={images}",
+        "--data.image_size=32",
+        "--data.batch_size=2",
+        "--data.num_workers=0",
+        f"--model.backbone_args={TINY_BACKBONE}",
+        *extra,
     ]
 
 
 def eval_args(command: str, root: Path, images: Path, checkpoint: Path, *extra: str) -> list[str]:
     return [
-        command, f"--config={RECIPE}", *cpu_trainer_args(root), "--trainer.limit_val_batches=1",
-        "--trainer.limit_test_batches=1", "--data.path=imagefolder", f"--data.data_dir={images}",
-        "--data.test_split=validation", "--data.image_size=32", "--data.batch_size=2", "--data.num_workers=0",
-        f"--ckpt_path={checkpoint}", *extra,
+        command,
+        f"--config={RECIPE}",
+        *cpu_trainer_args(root),
+        "--trainer.limit_val_batches=1",
+        "--trainer.limit_test_batches=1",
+        "--data.path=imagefolder",
+        f"--data.data_dir={images}",
+        "--data.test_split=validation",
+        "--data.image_size=32",
+        "--data.batch_size=2",
+        "--data.num_workers=0",
+        f"--ckpt_path={checkpoint}",
+        *extra,
     ]
 
 
@@ -199,7 +223,10 @@ CHECKPOINT_PAYLOADS = {
     "task function": ({"task": "os.system"}, "os.system"),
     "backbone": ({"backbone": "evil_module.Net"}, "evil_module.Net"),
     "backbone command": ({"backbone": "os.system", "backbone_args": {"command": "touch {marker}"}}, "os.system"),
-    "nested class_path": ({"backbone_args": {"depths": [1, 1, 1, 1], "extra": {"class_path": "evil_module.Net"}}}, "evil_module.Net"),
+    "nested class_path": (
+        {"backbone_args": {"depths": [1, 1, 1, 1], "extra": {"class_path": "evil_module.Net"}}},
+        "evil_module.Net",
+    ),
 }
 
 
@@ -210,7 +237,9 @@ def build_payload(case: str, checkpoint: Path, folder: Path, marker: Path) -> tu
 
 
 @pytest.mark.parametrize("case", list(CHECKPOINT_PAYLOADS))
-def test_mambaout_export_runs_nothing_a_checkpoint_names(case: str, checkpoint: Path, marker: Path, tmp_path: Path, capsys) -> None:
+def test_mambaout_export_runs_nothing_a_checkpoint_names(
+    case: str, checkpoint: Path, marker: Path, tmp_path: Path, capsys
+) -> None:
     path, value = build_payload(case, checkpoint, tmp_path, marker)
     target = tmp_path / "export"
     code = main(["export", str(path), str(target)])
@@ -225,7 +254,9 @@ def test_mambaout_export_runs_nothing_a_checkpoint_names(case: str, checkpoint: 
 
 
 @pytest.mark.parametrize("case", list(CHECKPOINT_PAYLOADS))
-def test_validate_runs_nothing_a_checkpoint_names(case: str, images: Path, checkpoint: Path, marker: Path, tmp_path: Path) -> None:
+def test_validate_runs_nothing_a_checkpoint_names(
+    case: str, images: Path, checkpoint: Path, marker: Path, tmp_path: Path
+) -> None:
     path, value = build_payload(case, checkpoint, tmp_path, marker)
     root = tmp_path / "runs"
     with pytest.raises(ValueError) as raised:  # UntrustedNameError, or the parser's error quoting it
@@ -243,7 +274,9 @@ def test_test_subcommand_refuses_the_same_way(images: Path, checkpoint: Path, ma
     assert not marker.exists() and "evil_module" not in sys.modules
 
 
-def test_resuming_fit_imports_nothing_from_the_checkpoint(images: Path, checkpoint: Path, marker: Path, tmp_path: Path) -> None:
+def test_resuming_fit_imports_nothing_from_the_checkpoint(
+    images: Path, checkpoint: Path, marker: Path, tmp_path: Path
+) -> None:
     path = tampered(checkpoint, tmp_path, task="evil_module.Task", backbone="evil_module.Net")
     with pytest.raises(CheckpointMismatchError, match=r"tampered\.ckpt' was written by evil_module\.Task"):
         run_cli(fit_args(tmp_path / "runs", images, f"--ckpt_path={path}"))
@@ -261,7 +294,7 @@ def test_a_class_path_from_the_users_own_recipe_keeps_working(images: Path, tmp_
     monkeypatch.syspath_prepend(str(modules))
     try:
         root = tmp_path / "runs"
-        recipe = ["--model.backbone=user_nets.UserNet", "--model.backbone_args={\"width\": 5}"]
+        recipe = ["--model.backbone=user_nets.UserNet", '--model.backbone_args={"width": 5}']
         fit = run_cli([*fit_args(root, images), *recipe])
         assert type(fit.model.model).__name__ == "UserNet"
         checkpoint = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"

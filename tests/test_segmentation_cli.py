@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from helpers import small_segmentation_args
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mambaout_pl.cli import main, run_cli
 from mambaout_pl.data import ADE20K_CLASSES
@@ -29,7 +28,9 @@ def test_there_are_segmentation_recipes():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", SEGMENTATION_RECIPES, ids=[r.stem for r in SEGMENTATION_RECIPES])
-def test_every_segmentation_recipe_fits_on_an_ade20k_layout_folder(recipe: Path, ade20k_folder: Path, tmp_path: Path) -> None:
+def test_every_segmentation_recipe_fits_on_an_ade20k_layout_folder(
+    recipe: Path, ade20k_folder: Path, tmp_path: Path
+) -> None:
     written = yaml.safe_load(recipe.read_text())
     model_args = written["model"]["init_args"]
     extra = []
@@ -76,11 +77,15 @@ def test_quickstart_segmentation_learns_and_validates_its_best_checkpoint(tmp_pa
     assert validate.trainer.callback_metrics["val/mIoU"].item() == pytest.approx(best_score, abs=1e-6)
 
 
-def test_best_checkpoint_follows_the_task_monitor_without_a_recipe_override(ade20k_folder: Path, tmp_path: Path) -> None:
+def test_best_checkpoint_follows_the_task_monitor_without_a_recipe_override(
+    ade20k_folder: Path, tmp_path: Path
+) -> None:
     recipe = ROOT / "recipes" / "quickstart_segmentation.yaml"
     assert "checkpoint" not in yaml.safe_load(recipe.read_text())
     three_validations = ["--trainer.max_epochs=3", "--trainer.max_steps=6", "--trainer.num_sanity_val_steps=0"]
-    cli = run_cli(["fit", f"--config={recipe}", *small_segmentation_args(tmp_path / "run", ade20k_folder), *three_validations])
+    cli = run_cli(
+        ["fit", f"--config={recipe}", *small_segmentation_args(tmp_path / "run", ade20k_folder), *three_validations]
+    )
     best = cli.trainer.checkpoint_callback
     assert (best.monitor, best.mode) == ("val/mIoU", "max")
     (run,) = (tmp_path / "run" / "lightning_logs").iterdir()
@@ -93,9 +98,17 @@ def test_best_checkpoint_follows_the_task_monitor_without_a_recipe_override(ade2
     assert (saved["checkpoint"]["monitor"], saved["checkpoint"]["mode"]) == ("val/mIoU", "max")
 
     explicit = run_cli(
-        ["fit", f"--config={recipe}", *small_segmentation_args(tmp_path / "explicit", ade20k_folder), "--checkpoint.monitor=val/loss"]
+        [
+            "fit",
+            f"--config={recipe}",
+            *small_segmentation_args(tmp_path / "explicit", ade20k_folder),
+            "--checkpoint.monitor=val/loss",
+        ]
     )
-    assert (explicit.trainer.checkpoint_callback.monitor, explicit.trainer.checkpoint_callback.mode) == ("val/loss", "min")
+    assert (explicit.trainer.checkpoint_callback.monitor, explicit.trainer.checkpoint_callback.mode) == (
+        "val/loss",
+        "min",
+    )
 
 
 def test_missing_annotations_folder_stops_the_cli_with_its_name(ade20k_folder: Path, tmp_path: Path) -> None:

@@ -128,7 +128,9 @@ def test_save_pretrained_and_from_pretrained_rebuild_the_same_network(tmp_path):
     torch.manual_seed(3)
     classifier = create_model("mambaout_femto", kernel_size=5)
     torch.save(classifier.state_dict(), tmp_path / "femto.pth")
-    model = small_segmentor(pretrained=str(tmp_path / "femto.pth"), backbone_args={"kernel_size": 5}, pool_scales=(1, 3))
+    model = small_segmentor(
+        pretrained=str(tmp_path / "femto.pth"), backbone_args={"kernel_size": 5}, pool_scales=(1, 3)
+    )
     model.save_pretrained(tmp_path / "export")
     (tmp_path / "femto.pth").unlink()  # the config must not need the ImageNet file any more
     config = json.loads((tmp_path / "export" / "config.json").read_text())

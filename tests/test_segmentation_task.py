@@ -82,15 +82,22 @@ class FixedPredictions(SegmentationTask):
 
 def trainer(tmp_path, **kwargs) -> Trainer:
     defaults = dict(
-        default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     return Trainer(**{**defaults, **kwargs})
 
 
 def test_validation_logs_dataset_level_scores_and_per_class_iou(tmp_path, caplog):
     task = FixedPredictions(**SMALL, num_classes=5, label_names=["a", "b", "c", "d", "e"], num_val_images=0)
-    batches = [{"index": torch.tensor([i]), "mask": TARGETS[i : i + 1], "image": torch.zeros(1, 3, 2, 4)} for i in (0, 1)]
+    batches = [
+        {"index": torch.tensor([i]), "mask": TARGETS[i : i + 1], "image": torch.zeros(1, 3, 2, 4)} for i in (0, 1)
+    ]
     with caplog.at_level("INFO"):
         metrics = trainer(tmp_path).validate(task, DataLoader(batches, batch_size=None), verbose=False)[0]
     assert metrics["val/mIoU"] == pytest.approx(HAND_MIOU)
@@ -129,7 +136,10 @@ class RandomScenes(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(index)
-        return {"image": torch.randn(3, 32, 32, generator=generator), "mask": torch.randint(0, 3, (32, 32), generator=generator)}
+        return {
+            "image": torch.randn(3, 32, 32, generator=generator),
+            "mask": torch.randint(0, 3, (32, 32), generator=generator),
+        }
 
 
 class LearningRateRecorder(Callback):
@@ -143,8 +153,15 @@ class LearningRateRecorder(Callback):
 def test_schedule_warms_up_per_update_then_decays_polynomially_over_max_steps(tmp_path):
     lr, warmup_lr, warmup_steps, max_steps = 1e-3, 1e-6, 4, 12
     task = SegmentationTask(
-        **SMALL, num_classes=3, decode_head="fcn", aux_head=False, lr=lr, warmup_lr=warmup_lr,
-        warmup_steps=warmup_steps, poly_power=1.0, min_lr=0.0,
+        **SMALL,
+        num_classes=3,
+        decode_head="fcn",
+        aux_head=False,
+        lr=lr,
+        warmup_lr=warmup_lr,
+        warmup_steps=warmup_steps,
+        poly_power=1.0,
+        min_lr=0.0,
     )
     recorder = LearningRateRecorder()
     trainer(tmp_path, max_steps=max_steps, max_epochs=-1, callbacks=[recorder], limit_val_batches=0).fit(
@@ -165,9 +182,16 @@ def test_schedule_warms_up_per_update_then_decays_polynomially_over_max_steps(tm
 def test_evaluation_scores_each_image_at_its_original_size(ade20k_folder, tmp_path):
     torch.manual_seed(0)
     dm = SegmentationDataModule(
-        path="ade20k", data_dir=str(ade20k_folder), reduce_zero_label=True, resize_scale=(64, 32), eval_batch_size=2, num_workers=0
+        path="ade20k",
+        data_dir=str(ade20k_folder),
+        reduce_zero_label=True,
+        resize_scale=(64, 32),
+        eval_batch_size=2,
+        num_workers=0,
     )
-    task = SegmentationTask(**SMALL, num_classes=dm.num_classes, inference="slide", slide_crop_size=(24, 24), slide_stride=(16, 16)).eval()
+    task = SegmentationTask(
+        **SMALL, num_classes=dm.num_classes, inference="slide", slide_crop_size=(24, 24), slide_stride=(16, 16)
+    ).eval()
     batch = next(iter(dm.val_dataloader()))
     with torch.no_grad():
         scores = task.predict_log_probabilities(batch)
@@ -190,7 +214,7 @@ class ImageRecorder(Logger):
     version = 0
 
     @property
-    def experiment(self) -> "ImageRecorder":
+    def experiment(self) -> ImageRecorder:
         return self
 
     def add_image(self, tag, image, global_step=0, dataformats="CHW") -> None:
@@ -205,7 +229,13 @@ class ImageRecorder(Logger):
 
 def test_validation_sends_image_truth_prediction_pictures_to_the_logger(ade20k_folder, tmp_path):
     dm = SegmentationDataModule(
-        path="ade20k", data_dir=str(ade20k_folder), reduce_zero_label=True, crop_size=32, resize_scale=(64, 32), batch_size=2, num_workers=0
+        path="ade20k",
+        data_dir=str(ade20k_folder),
+        reduce_zero_label=True,
+        crop_size=32,
+        resize_scale=(64, 32),
+        batch_size=2,
+        num_workers=0,
     )
     task = SegmentationTask(**SMALL, num_classes=dm.num_classes, num_val_images=2)
     recorder = ImageRecorder()
@@ -224,7 +254,12 @@ def test_validation_sends_image_truth_prediction_pictures_to_the_logger(ade20k_f
 
 def test_predict_writes_palette_pngs_of_the_predictions(ade20k_folder, tmp_path):
     dm = SegmentationDataModule(
-        path="ade20k", data_dir=str(ade20k_folder), reduce_zero_label=True, resize_scale=(64, 32), predict_split="validation", num_workers=0
+        path="ade20k",
+        data_dir=str(ade20k_folder),
+        reduce_zero_label=True,
+        resize_scale=(64, 32),
+        predict_split="validation",
+        num_workers=0,
     )
     out = tmp_path / "predictions"
     task = SegmentationTask(**SMALL, num_classes=dm.num_classes, predict_dir=str(out))

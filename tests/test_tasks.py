@@ -199,8 +199,14 @@ def test_channels_last_gives_the_same_logits() -> None:
 
 
 SHARED_DEFAULTS = {
-    "optimizer": "adamw", "betas": (0.9, 0.999), "eps": 1e-8, "layer_decay": None, "warmup_epochs": 0.0,
-    "cooldown_epochs": 0, "ema_decay": None, "nonfinite_loss": "raise",
+    "optimizer": "adamw",
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "layer_decay": None,
+    "warmup_epochs": 0.0,
+    "cooldown_epochs": 0,
+    "ema_decay": None,
+    "nonfinite_loss": "raise",
 }
 
 
@@ -208,15 +214,35 @@ def test_optimizer_arguments_are_declared_on_base_task_with_each_task_defaults()
     from mambaout_pl.tasks import BaseTask, SegmentationTask
 
     declared = inspect.signature(BaseTask.__init__).parameters
-    assert set(SHARED_DEFAULTS) | {"lr", "weight_decay", "scheduler", "warmup_steps", "warmup_lr", "min_lr", "poly_power"} <= set(declared)
+    assert set(SHARED_DEFAULTS) | {
+        "lr",
+        "weight_decay",
+        "scheduler",
+        "warmup_steps",
+        "warmup_lr",
+        "min_lr",
+        "poly_power",
+    } <= set(declared)
     assert "optimizer" not in inspect.signature(ClassificationTask.__init__).parameters  # passed on, not re-declared
     classification = ClassificationTask(num_classes=3).hparams
     assert {name: classification[name] for name in SHARED_DEFAULTS} == SHARED_DEFAULTS
     assert (classification.lr, classification.weight_decay, classification.scheduler) == (1e-3, 0.05, "cosine")
-    assert (classification.warmup_lr, classification.min_lr, classification.warmup_steps, classification.poly_power) == (1e-6, 1e-5, None, None)
-    segmentation = SegmentationTask(backbone="mambaout_femto", num_classes=3, decode_channels=16, aux_channels=8).hparams
+    assert (
+        classification.warmup_lr,
+        classification.min_lr,
+        classification.warmup_steps,
+        classification.poly_power,
+    ) == (1e-6, 1e-5, None, None)
+    segmentation = SegmentationTask(
+        backbone="mambaout_femto", num_classes=3, decode_channels=16, aux_channels=8
+    ).hparams
     assert {name: segmentation[name] for name in SHARED_DEFAULTS} == SHARED_DEFAULTS
     assert (segmentation.lr, segmentation.weight_decay, segmentation.scheduler) == (1e-4, 0.01, "poly")
-    assert (segmentation.warmup_lr, segmentation.min_lr, segmentation.warmup_steps, segmentation.poly_power) == (1e-10, 0.0, 1500, 1.0)
+    assert (segmentation.warmup_lr, segmentation.min_lr, segmentation.warmup_steps, segmentation.poly_power) == (
+        1e-10,
+        0.0,
+        1500,
+        1.0,
+    )
     with pytest.raises(TypeError, match="learning_rate"):
         ClassificationTask(num_classes=3, learning_rate=0.1)

@@ -5,6 +5,7 @@ checks at full size on the meta device, the numerical ones on each variant's own
 (activation, ratios, downsampling, layer scale, head) with small depths and widths, and the
 full-size forward passes on femto.
 """
+
 import copy
 import math
 
@@ -22,19 +23,19 @@ from mambaout_pl.models import create_model, load_pretrained
 from mambaout_pl.models.mambaout import GatedCNNBlock
 
 VARIANTS = [
-    'mambaout_femto',
-    'mambaout_kobe',
-    'mambaout_tiny',
-    'mambaout_small',
-    'mambaout_base',
-    'mambaout_small_rw',
-    'mambaout_base_short_rw',
-    'mambaout_base_tall_rw',
-    'mambaout_base_wide_rw',
-    'mambaout_base_plus_rw',
+    "mambaout_femto",
+    "mambaout_kobe",
+    "mambaout_tiny",
+    "mambaout_small",
+    "mambaout_base",
+    "mambaout_small_rw",
+    "mambaout_base_short_rw",
+    "mambaout_base_tall_rw",
+    "mambaout_base_wide_rw",
+    "mambaout_base_plus_rw",
 ]
-RW_VARIANTS = [name for name in VARIANTS if name.endswith('_rw')]
-PRETRAINED_TAGS = [name for name in timm.list_pretrained('mambaout_*') if name.split('.')[0] in VARIANTS]
+RW_VARIANTS = [name for name in VARIANTS if name.endswith("_rw")]
+PRETRAINED_TAGS = [name for name in timm.list_pretrained("mambaout_*") if name.split(".")[0] in VARIANTS]
 # Each variant's own options with few, narrow blocks: the same code paths in milliseconds.
 SMALL = dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64))
 ATOL = 1e-4
@@ -67,10 +68,11 @@ def _one_thread(one_thread):
 
 # Structure: names, order and shapes of the parameters, the pretrained cfgs.
 
-@pytest.mark.parametrize('name', VARIANTS)
+
+@pytest.mark.parametrize("name", VARIANTS)
 def test_parameters_in_timms_order(name):
     """Same state-dict keys in the same order and same parameter shapes: a timm optimizer state fits."""
-    with torch.device('meta'):
+    with torch.device("meta"):
         ours, reference = create_model(name), timm.create_model(name, pretrained=False)
     assert list(ours.state_dict()) == list(reference.state_dict())
     assert [p.shape for p in ours.parameters()] == [p.shape for p in reference.parameters()]
@@ -79,59 +81,60 @@ def test_parameters_in_timms_order(name):
     assert ours.feature_info == reference.feature_info
     if name in RW_VARIANTS:
         keys = list(ours.state_dict())
-        assert keys.index('stages.1.downsample.norm.weight') < keys.index('stages.1.downsample.conv.weight')
+        assert keys.index("stages.1.downsample.norm.weight") < keys.index("stages.1.downsample.conv.weight")
 
 
-@pytest.mark.parametrize('name', VARIANTS)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_same_seed_gives_timms_weights(name):
     """Same initialisation as timm's, layer scale included (timm's `_rw` blocks start at 1e-5)."""
     ours, reference = small_pair(name)
     assert_same_state(ours, reference)
     gammas = [m.ls.gamma for m in ours.modules() if isinstance(m, GatedCNNBlock) and not isinstance(m.ls, nn.Identity)]
     if name in RW_VARIANTS:
-        assert len(gammas) == sum(SMALL['depths'])
+        assert len(gammas) == sum(SMALL["depths"])
         assert all(torch.all(gamma == 1e-5) for gamma in gammas)
     else:
         assert not gammas
 
 
-@pytest.mark.parametrize('name', PRETRAINED_TAGS)
+@pytest.mark.parametrize("name", PRETRAINED_TAGS)
 def test_pretrained_tag_cfg(name):
     """A tagged name builds the tag's cfg and defaults, as timm's `create_model(name)`."""
-    with torch.device('meta'):
+    with torch.device("meta"):
         ours, reference = create_model(name), timm.create_model(name, pretrained=False)
     cfg = ours.pretrained_cfg
     assert cfg == reference.pretrained_cfg == timm.models.get_pretrained_cfg(name).to_dict()
     assert ours.default_cfg is cfg
-    assert cfg['tag'] == name.split('.', 1)[1]
-    assert ours.num_classes == reference.num_classes == cfg['num_classes']
-    assert ours.get_classifier().out_features == cfg['num_classes']
+    assert cfg["tag"] == name.split(".", 1)[1]
+    assert ours.num_classes == reference.num_classes == cfg["num_classes"]
+    assert ours.get_classifier().out_features == cfg["num_classes"]
     state = ours.state_dict()
     assert f"{cfg['classifier']}.weight" in state and f"{cfg['first_conv']}.weight" in state
-    reduction = ours.feature_info[-1]['reduction']
-    assert tuple(cfg['pool_size']) == tuple(size // reduction for size in cfg['input_size'][1:])
+    reduction = ours.feature_info[-1]["reduction"]
+    assert tuple(cfg["pool_size"]) == tuple(size // reduction for size in cfg["input_size"][1:])
 
 
 def test_pretrained_tags_keep_their_settings():
-    with torch.device('meta'):
-        in12k = create_model('mambaout_base_plus_rw.sw_e150_in12k')
-        r384 = create_model('mambaout_base_plus_rw.sw_e150_r384_in12k_ft_in1k')
-        default = create_model('mambaout_base_plus_rw')
-        overridden = create_model('mambaout_base_plus_rw.sw_e150_in12k', num_classes=10)
+    with torch.device("meta"):
+        in12k = create_model("mambaout_base_plus_rw.sw_e150_in12k")
+        r384 = create_model("mambaout_base_plus_rw.sw_e150_r384_in12k_ft_in1k")
+        default = create_model("mambaout_base_plus_rw")
+        overridden = create_model("mambaout_base_plus_rw.sw_e150_in12k", num_classes=10)
     assert in12k.num_classes == 11821 and in12k.head.fc.out_features == 11821
-    assert r384.pretrained_cfg['input_size'] == (3, 384, 384)
-    assert r384.pretrained_cfg['pool_size'] == (12, 12)
-    assert r384.pretrained_cfg['crop_mode'] == 'squash'
-    assert timm.data.resolve_data_config({}, model=r384)['input_size'] == (3, 384, 384)
-    assert default.pretrained_cfg['tag'] == 'sw_e150_in12k_ft_in1k' and default.num_classes == 1000
+    assert r384.pretrained_cfg["input_size"] == (3, 384, 384)
+    assert r384.pretrained_cfg["pool_size"] == (12, 12)
+    assert r384.pretrained_cfg["crop_mode"] == "squash"
+    assert timm.data.resolve_data_config({}, model=r384)["input_size"] == (3, 384, 384)
+    assert default.pretrained_cfg["tag"] == "sw_e150_in12k_ft_in1k" and default.num_classes == 1000
     assert overridden.num_classes == 10
     with pytest.raises(ValueError, match=r"Unknown pretrained tag 'in22k' for mambaout_femto; its tags are in1k"):
-        create_model('mambaout_femto.in22k')
+        create_model("mambaout_femto.in22k")
 
 
 # Forward and backward (timm's test_model_forward, test_model_backward, test_model_default_cfgs).
 
-@pytest.mark.parametrize('name', VARIANTS)
+
+@pytest.mark.parametrize("name", VARIANTS)
 def test_forward_backward_and_timm_outputs(name):
     ours, reference = small_pair(name)
     x = images()
@@ -154,12 +157,12 @@ def test_forward_backward_and_timm_outputs(name):
 def check_default_cfg_forward(model_name: str, size: int, **kwargs) -> None:
     """timm's test_model_default_cfgs: unpooled features, pre-logits and the classifier removed two ways."""
     model = create_model(model_name, **kwargs).eval()
-    pool = size // model.feature_info[-1]['reduction']
+    pool = size // model.feature_info[-1]["reduction"]
     x = images(size)
     features = model.forward_features(x)
     pre_logits = model.forward_head(features, pre_logits=True)
     assert features.shape == (1, pool, pool, model.num_features)  # NHWC, as model.output_fmt says
-    assert model.output_fmt == 'NHWC'
+    assert model.output_fmt == "NHWC"
     assert pre_logits.shape == (1, model.head_hidden_size)
 
     model.reset_classifier(0)
@@ -168,24 +171,24 @@ def check_default_cfg_forward(model_name: str, size: int, **kwargs) -> None:
     assert outputs.shape == pre_logits.shape
     torch.testing.assert_close(outputs, pre_logits, atol=0, rtol=0)
 
-    model.reset_classifier(0, '')
+    model.reset_classifier(0, "")
     assert model(x).shape == (1, pool, pool, model.head_hidden_size)
-    headless = create_model(model_name, num_classes=0, global_pool='', **kwargs).eval()
+    headless = create_model(model_name, num_classes=0, global_pool="", **kwargs).eval()
     assert headless(x).shape == (1, pool, pool, headless.head_hidden_size)
 
 
 def test_default_cfg_forward_at_default_size():
-    size = create_model('mambaout_femto').pretrained_cfg['input_size'][-1]
+    size = create_model("mambaout_femto").pretrained_cfg["input_size"][-1]
     assert size == 224
-    check_default_cfg_forward('mambaout_femto', size)
+    check_default_cfg_forward("mambaout_femto", size)
 
 
-@pytest.mark.parametrize('name', VARIANTS)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_default_cfg_forward(name):
     check_default_cfg_forward(name, 64, **SMALL)
 
 
-@pytest.mark.parametrize('name', ['mambaout_femto', 'mambaout_small_rw'])
+@pytest.mark.parametrize("name", ["mambaout_femto", "mambaout_small_rw"])
 def test_reset_classifier_reset_other(name):
     """`reset_other=True` removes the head's norm and hidden layer, as timm 1.0.31's."""
     ours, reference = small_pair(name)
@@ -193,56 +196,63 @@ def test_reset_classifier_reset_other(name):
     for model in (ours, reference):
         model.eval().reset_classifier(5, reset_other=True)
         assert isinstance(model.head.norm, nn.Identity) and isinstance(model.head.pre_logits, nn.Identity)
-        assert model.head_hidden_size == model.num_features == SMALL['dims'][-1]
+        assert model.head_hidden_size == model.num_features == SMALL["dims"][-1]
         assert model.get_classifier().in_features == model.num_features
         assert model.num_classes == 5 and model(x).shape == (1, 5)
     torch.testing.assert_close(
         ours.forward_head(ours.forward_features(x), pre_logits=True),
-        reference.forward_head(reference.forward_features(x), pre_logits=True), atol=ATOL, rtol=0)
-    assert [k for k in ours.state_dict() if k.startswith('head.')] == ['head.fc.weight', 'head.fc.bias']
+        reference.forward_head(reference.forward_features(x), pre_logits=True),
+        atol=ATOL,
+        rtol=0,
+    )
+    assert [k for k in ours.state_dict() if k.startswith("head.")] == ["head.fc.weight", "head.fc.bias"]
 
 
 # Intermediates and feature models (test_model_forward_intermediates, test_model_forward_features).
 
-@pytest.mark.parametrize('name', ['mambaout_kobe', 'mambaout_base_wide_rw'])
-@pytest.mark.parametrize('arguments', [
-    {},
-    {'indices': 2},
-    {'indices': [0, -1], 'output_fmt': 'NHWC'},
-    {'indices': [1, 2], 'stop_early': True, 'norm': True},
-    {'indices': (1, 3), 'intermediates_only': True},
-])
+
+@pytest.mark.parametrize("name", ["mambaout_kobe", "mambaout_base_wide_rw"])
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {},
+        {"indices": 2},
+        {"indices": [0, -1], "output_fmt": "NHWC"},
+        {"indices": [1, 2], "stop_early": True, "norm": True},
+        {"indices": (1, 3), "intermediates_only": True},
+    ],
+)
 def test_forward_intermediates_match_timm(name, arguments):
     ours, reference = small_pair(name)
     ours.eval(), reference.eval()
     x = images(64)
     got, expected = ours.forward_intermediates(x, **arguments), reference.forward_intermediates(x, **arguments)
-    if not arguments.get('intermediates_only'):
+    if not arguments.get("intermediates_only"):
         (got_final, got), (expected_final, expected) = got, expected
         torch.testing.assert_close(got_final, expected_final, atol=ATOL, rtol=0)
-        if not arguments.get('stop_early'):
+        if not arguments.get("stop_early"):
             torch.testing.assert_close(got_final, ours.forward_features(x), atol=0, rtol=0)
     assert len(got) == len(expected)
     for ours_feature, reference_feature in zip(got, expected):
         torch.testing.assert_close(ours_feature, reference_feature, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize('name', VARIANTS)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_forward_intermediates_shapes(name):
     """timm's test_model_forward_intermediates, grad-checkpointing included."""
     model = create_model(name, **SMALL).eval()
     x = images(64)
-    final, intermediates = model.forward_intermediates(x, output_fmt='NCHW')
-    assert [i.shape[1] for i in intermediates] == [info['num_chs'] for info in model.feature_info]
+    final, intermediates = model.forward_intermediates(x, output_fmt="NCHW")
+    assert [i.shape[1] for i in intermediates] == [info["num_chs"] for info in model.feature_info]
     for feature, info in zip(intermediates, model.feature_info):
-        assert feature.shape[-2:] == (math.ceil(64 / info['reduction']),) * 2
+        assert feature.shape[-2:] == (math.ceil(64 / info["reduction"]),) * 2
     torch.testing.assert_close(final, model.forward_features(x), atol=0, rtol=0)
     model.set_grad_checkpointing()
     torch.testing.assert_close(model.forward_intermediates(x)[0], final, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize('indices', [1, [1, 2], (0, 3)])
-@pytest.mark.parametrize('name', ['mambaout_femto', 'mambaout_small_rw'])
+@pytest.mark.parametrize("indices", [1, [1, 2], (0, 3)])
+@pytest.mark.parametrize("name", ["mambaout_femto", "mambaout_small_rw"])
 def test_prune_intermediate_layers_match_timm(name, indices):
     ours, reference = small_pair(name)
     ours.eval(), reference.eval()
@@ -250,35 +260,41 @@ def test_prune_intermediate_layers_match_timm(name, indices):
     assert ours.prune_intermediate_layers(indices) == reference.prune_intermediate_layers(indices)
     assert list(ours.state_dict()) == list(reference.state_dict())
     assert (ours.num_features, ours.head_hidden_size, ours.num_classes) == (
-        reference.num_features, reference.head_hidden_size, reference.num_classes)
+        reference.num_features,
+        reference.head_hidden_size,
+        reference.num_classes,
+    )
     got = ours.forward_intermediates(x, indices=indices, intermediates_only=True)
     expected = reference.forward_intermediates(x, indices=indices, intermediates_only=True)
     for ours_feature, reference_feature in zip(got, expected):
         torch.testing.assert_close(ours_feature, reference_feature, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize('feature_args', [
-    {},
-    {'out_indices': (1, 2, 3)},
-    {'out_indices': (1, 2, 3), 'feature_cls': 'getter'},
-])
-@pytest.mark.parametrize('name', VARIANTS)
+@pytest.mark.parametrize(
+    "feature_args",
+    [
+        {},
+        {"out_indices": (1, 2, 3)},
+        {"out_indices": (1, 2, 3), "feature_cls": "getter"},
+    ],
+)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_features_only_like_timm(name, feature_args):
     ours, reference = small_pair(name, features_only=True, **feature_args)
     ours.eval(), reference.eval()
-    expected_class = FeatureGetterNet if feature_args.get('feature_cls') == 'getter' else FeatureListNet
+    expected_class = FeatureGetterNet if feature_args.get("feature_cls") == "getter" else FeatureListNet
     assert type(ours) is type(reference) is expected_class
     assert ours.feature_info.channels() == reference.feature_info.channels()
     assert ours.feature_info.reduction() == reference.feature_info.reduction()
-    out_indices = feature_args.get('out_indices', (0, 1, 2, 3))
-    assert ours.feature_info.channels() == [SMALL['dims'][i] for i in out_indices]
+    out_indices = feature_args.get("out_indices", (0, 1, 2, 3))
+    assert ours.feature_info.channels() == [SMALL["dims"][i] for i in out_indices]
     assert ours.feature_info.reduction() == [(4, 8, 16, 32)[i] for i in out_indices]
     assert ours.pretrained_cfg == reference.pretrained_cfg
     assert_same_state(ours, reference)
     x = images(64)
     got, expected = ours(x), reference(x)
     assert len(got) == len(expected) == len(out_indices)
-    channel_axis = 1 if str(getattr(ours, 'output_fmt', 'NCHW')).endswith('NCHW') else -1
+    channel_axis = 1 if str(getattr(ours, "output_fmt", "NCHW")).endswith("NCHW") else -1
     for feature, reference_feature, channels in zip(got, expected, ours.feature_info.channels()):
         assert feature.shape[channel_axis] == channels
         torch.testing.assert_close(feature, reference_feature, atol=ATOL, rtol=0)
@@ -286,7 +302,8 @@ def test_features_only_like_timm(name, feature_args):
 
 # TorchScript and torch.fx (test_model_forward_torchscript, test_model_forward_fx, test_model_backward_fx).
 
-@pytest.mark.parametrize('name', VARIANTS)
+
+@pytest.mark.parametrize("name", VARIANTS)
 def test_torchscript(name):
     """Scripted models run the plain block code (the fused function is not scriptable) and give the same logits."""
     model = create_model(name, **SMALL).eval()
@@ -303,13 +320,15 @@ def test_torchscript(name):
 
 def fx_model(model: nn.Module, train: bool = False) -> nn.Module:
     tracer_kwargs = dict(
-        leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), param_shapes_constant=True)
+        leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), param_shapes_constant=True
+    )
     train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
     return create_feature_extractor(
-        model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs)
+        model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs
+    )
 
 
-@pytest.mark.parametrize('name', VARIANTS)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_fx_forward_and_backward(name):
     """Traced models call the same fused function (a leaf of the graph), so their logits are identical."""
     model = create_model(name, **SMALL).eval()
@@ -327,7 +346,7 @@ def test_fx_forward_and_backward(name):
     assert all(p.grad is not None for p in traced.parameters())
 
 
-@pytest.mark.parametrize('name', ['mambaout_femto', 'mambaout_base_wide_rw'])
+@pytest.mark.parametrize("name", ["mambaout_femto", "mambaout_base_wide_rw"])
 def test_fx_then_torchscript(name):
     """timm's test_model_forward_fx_torchscript: a model built scriptable, traced, then scripted."""
     with set_scriptable(True):
@@ -340,19 +359,20 @@ def test_fx_then_torchscript(name):
 
 # Pretrained weights into other input channels (test_model_load_pretrained with in_chans != 3).
 
-@pytest.fixture(scope='module')
+
+@pytest.fixture(scope="module")
 def rgb_weights(tmp_path_factory):
     torch.manual_seed(0)
-    reference = timm.create_model('mambaout_small_rw', pretrained=False, **SMALL).eval()
-    path = tmp_path_factory.mktemp('weights') / 'mambaout_small_rw.pth'
+    reference = timm.create_model("mambaout_small_rw", pretrained=False, **SMALL).eval()
+    path = tmp_path_factory.mktemp("weights") / "mambaout_small_rw.pth"
     torch.save(reference.state_dict(), path)
     return path, reference
 
 
-@pytest.mark.parametrize('in_chans', [1, 4, 13])
+@pytest.mark.parametrize("in_chans", [1, 4, 13])
 def test_in_chans_adapts_first_conv(rgb_weights, in_chans):
     path, reference = rgb_weights
-    model = create_model('mambaout_small_rw', pretrained=path, in_chans=in_chans, **SMALL).eval()
+    model = create_model("mambaout_small_rw", pretrained=path, in_chans=in_chans, **SMALL).eval()
     rgb = reference.stem.conv1.weight.detach()
     torch.testing.assert_close(model.stem.conv1.weight, adapt_input_conv(in_chans, rgb), atol=0, rtol=0)
     assert model.stem.conv1.weight.shape == (8, in_chans, 3, 3)
@@ -365,22 +385,25 @@ def test_in_chans_adapts_first_conv(rgb_weights, in_chans):
     scale = torch.ones(3) if in_chans == 1 else uses * 3 / in_chans
     with torch.no_grad():
         torch.testing.assert_close(
-            model(gray.expand(-1, in_chans, -1, -1)), reference(gray * scale.view(1, 3, 1, 1)), atol=ATOL, rtol=0)
+            model(gray.expand(-1, in_chans, -1, -1)), reference(gray * scale.view(1, 3, 1, 1)), atol=ATOL, rtol=0
+        )
 
-    fresh = create_model('mambaout_small_rw', in_chans=in_chans, num_classes=5, **SMALL)
-    with pytest.warns(UserWarning, match='classifier'):
+    fresh = create_model("mambaout_small_rw", in_chans=in_chans, num_classes=5, **SMALL)
+    with pytest.warns(UserWarning, match="classifier"):
         load_pretrained(fresh, path)
     torch.testing.assert_close(fresh.stem.conv1.weight, adapt_input_conv(in_chans, rgb), atol=0, rtol=0)
-    with pytest.warns(UserWarning, match='skipped head.fc.weight'):
-        headless = create_model('mambaout_small_rw', pretrained=path, in_chans=in_chans, num_classes=0, **SMALL)
+    with pytest.warns(UserWarning, match="skipped head.fc.weight"):
+        headless = create_model("mambaout_small_rw", pretrained=path, in_chans=in_chans, num_classes=0, **SMALL)
     assert headless.num_classes == 0
 
 
 def test_features_only_loads_weights_before_wrapping(rgb_weights):
     """test_model_features_pretrained: weights load into the model a feature wrapper then holds."""
     path, reference = rgb_weights
-    features = create_model('mambaout_small_rw', pretrained=path, features_only=True, out_indices=(1, 2, 3), **SMALL)
-    expected = reference.forward_intermediates(images(64), indices=(1, 2, 3), output_fmt='NHWC', intermediates_only=True)
+    features = create_model("mambaout_small_rw", pretrained=path, features_only=True, out_indices=(1, 2, 3), **SMALL)
+    expected = reference.forward_intermediates(
+        images(64), indices=(1, 2, 3), output_fmt="NHWC", intermediates_only=True
+    )
     with torch.no_grad():
         for got, want in zip(features.eval()(images(64)), expected):
             torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
@@ -388,9 +411,9 @@ def test_features_only_loads_weights_before_wrapping(rgb_weights):
 
 def test_timm_optimizer_state_resumes_on_our_model():
     """An AdamW state saved while training timm's model continues on ours exactly as on timm's."""
-    ours, reference = small_pair('mambaout_base_wide_rw', num_classes=3)
+    ours, reference = small_pair("mambaout_base_wide_rw", num_classes=3)
     x, target = images(64, batch=2), torch.tensor([0, 2])
-    optimizers = [create_optimizer_v2(m, 'adamw', lr=1e-2, weight_decay=0.05) for m in (ours, reference)]
+    optimizers = [create_optimizer_v2(m, "adamw", lr=1e-2, weight_decay=0.05) for m in (ours, reference)]
 
     def step(model, optimizer):
         optimizer.zero_grad()

@@ -79,7 +79,9 @@ def test_loading_refuses_pickled_objects_and_truncated_files(tmp_path: Path) -> 
 def test_one_reader_for_every_checkpoint_names_the_file_and_the_fix(tmp_path: Path) -> None:
     weights = tmp_path / "weights.pth"
     torch.save({"head.fc.weight": torch.zeros(3, 16)}, weights)
-    with pytest.raises(CheckpointError, match=r"weights\.pth' is not a training checkpoint.*\['head\.fc\.weight'\].*model\.pretrained"):
+    with pytest.raises(
+        CheckpointError, match=r"weights\.pth' is not a training checkpoint.*\['head\.fc\.weight'\].*model\.pretrained"
+    ):
         read_checkpoint(weights)
     pickled = tmp_path / "pickled.ckpt"
     torch.save({"state_dict": {}, "object": Path("x")}, pickled)

@@ -52,8 +52,14 @@ class WeightsAfterEachBatch(Callback):
 def train(task: ClassificationTask, tmp_path: Path, poisoned: int, callbacks: list[Callback] = ()) -> Trainer:
     loader = torch.utils.data.DataLoader(PoisonedBatches(poisoned), batch_size=4)
     trainer = Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
     )
     trainer.fit(task, loader)
     return trainer
@@ -62,7 +68,9 @@ def train(task: ClassificationTask, tmp_path: Path, poisoned: int, callbacks: li
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_batch(tmp_path: Path) -> None:
     task = tiny_task()
     before = {name: tensor.clone() for name, tensor in task.state_dict().items()}
-    with pytest.raises(NonFiniteLossError, match=r"is nan at epoch 0, global step 1, batch 1 of the epoch.*nonfinite_loss: skip"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"is nan at epoch 0, global step 1, batch 1 of the epoch.*nonfinite_loss: skip"
+    ):
         train(task, tmp_path, poisoned=1)
     after = task.state_dict()
     assert all(torch.isfinite(tensor).all() for tensor in after.values())  # stopped before the NaN reached the weights

@@ -57,7 +57,10 @@ def test_resuming_fit_refuses_other_settings_except_those_that_may_change() -> N
     checkpoint["hyper_parameters"]["pretrained"] = "imagenet.pth"
     restore_checkpoint(task, checkpoint, "Checkpoint 'a.ckpt'", resuming=True)  # pretrained may change
     other = tiny_task(lr=0.5)
-    with pytest.raises(CheckpointMismatchError, match=r"Checkpoint 'a\.ckpt' was written with other model settings.*'lr': \(0\.002, 0\.5\)"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"Checkpoint 'a\.ckpt' was written with other model settings.*'lr': \(0\.002, 0\.5\)",
+    ):
         restore_checkpoint(other, checkpoint, "Checkpoint 'a.ckpt'", resuming=True)
     restore_checkpoint(other, checkpoint, "Checkpoint 'a.ckpt'", resuming=False)  # validate/test: weights only
 

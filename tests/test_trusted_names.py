@@ -1,4 +1,5 @@
 """Names read from files resolve only against our models, timm's models and what user code allowed."""
+
 import json
 import sys
 import threading
@@ -17,11 +18,11 @@ from mambaout_pl.models import (
     allow_import_path,
     create_model,
     from_pretrained,
+    registry,
     resolve_model,
     resolve_trusted_class,
     untrusted_source,
 )
-from mambaout_pl.models import registry
 from mambaout_pl.tasks import ClassificationTask
 
 TINY = dict(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8))
@@ -82,7 +83,10 @@ def test_the_payload_is_live_in_trusted_code(marker):
 def test_a_module_named_by_a_file_is_never_imported(tmp_path, marker, monkeypatch):
     (tmp_path / "evil_module.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Net:\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with untrusted_source("a checkpoint"), pytest.raises(UntrustedNameError, match="'evil_module.Net' from a checkpoint"):
+    with (
+        untrusted_source("a checkpoint"),
+        pytest.raises(UntrustedNameError, match="'evil_module.Net' from a checkpoint"),
+    ):
         create_model("evil_module.Net")
     assert "evil_module" not in sys.modules and not marker.exists()
 
@@ -92,14 +96,18 @@ def test_from_pretrained_refuses_nested_names_in_config_json(tmp_path, marker):
     (tmp_path / "config.json").write_text(json.dumps({"model_name": name, "model_args": kwargs}))
     with pytest.raises(UntrustedNameError, match="config.json"):
         from_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_name": "os.system", "model_args": {"command": f"touch {marker}"}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_name": "os.system", "model_args": {"command": f"touch {marker}"}})
+    )
     with pytest.raises(UntrustedNameError, match="'os.system'"):
         from_pretrained(tmp_path)
     assert not marker.exists()
 
 
 def test_segmentor_from_pretrained_refuses_a_foreign_backbone(tmp_path, marker):
-    (tmp_path / "config.json").write_text(json.dumps({"backbone": "os.system", "backbone_args": {"command": f"touch {marker}"}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"backbone": "os.system", "backbone_args": {"command": f"touch {marker}"}})
+    )
     with pytest.raises(UntrustedNameError, match="'os.system'"):
         UperNetSegmentor.from_pretrained(tmp_path)
     assert not marker.exists()
@@ -181,7 +189,10 @@ def test_resolve_trusted_class_for_other_kinds_of_class_paths(marker):
         ("collections.OrderedDict", "Refusing 'collections.OrderedDict'"),
         ("mambaout_pl.models.weights.read_state_dict", "is not a subclass of"),
         ("mambaout_pl.models.MambaOut", "is not a subclass of lightning.pytorch.core.module.LightningModule"),
-        ("mambaout_pl.models.mambaout.LayerNorm", "Refusing 'timm.layers.norm.LayerNorm'"),  # re-exported, defined in timm
+        (
+            "mambaout_pl.models.mambaout.LayerNorm",
+            "Refusing 'timm.layers.norm.LayerNorm'",
+        ),  # re-exported, defined in timm
     ]:
         with pytest.raises(UntrustedNameError, match=match):
             resolve_trusted_class(path, base=LightningModule if "Layer" not in path else nn.Module, source=source)

@@ -46,21 +46,25 @@ __all__ = [
 
 def coco_features(category_names: list[str]) -> Features:
     """The columns of `load_coco_split`'s rows; ``objects.category`` is the category's index among ``category_names``."""
-    return Features({
-        "image": ImageFeature(decode=False),
-        "image_id": Value("int64"),
-        "width": Value("int32"),
-        "height": Value("int32"),
-        "objects": List({
-            "id": Value("int64"),
-            "bbox": List(Value("float32"), length=4),
-            "category_id": Value("int64"),
-            "category": ClassLabel(names=category_names),
-            "area": Value("float32"),
-            "iscrowd": Value("int8"),
-            "segmentation": Value("string"),
-        }),
-    })
+    return Features(
+        {
+            "image": ImageFeature(decode=False),
+            "image_id": Value("int64"),
+            "width": Value("int32"),
+            "height": Value("int32"),
+            "objects": List(
+                {
+                    "id": Value("int64"),
+                    "bbox": List(Value("float32"), length=4),
+                    "category_id": Value("int64"),
+                    "category": ClassLabel(names=category_names),
+                    "area": Value("float32"),
+                    "iscrowd": Value("int8"),
+                    "segmentation": Value("string"),
+                }
+            ),
+        }
+    )
 
 
 class CocoAnnotationWarning(UserWarning):
@@ -68,11 +72,11 @@ class CocoAnnotationWarning(UserWarning):
 
 
 def load_coco_split(
-        data_dir: str | os.PathLike,
-        split: str = "train2017",
-        annotation_file: str | os.PathLike | None = None,
-        image_dir: str | os.PathLike | None = None,
-        skip_empty: bool = False,
+    data_dir: str | os.PathLike,
+    split: str = "train2017",
+    annotation_file: str | os.PathLike | None = None,
+    image_dir: str | os.PathLike | None = None,
+    skip_empty: bool = False,
 ) -> tuple[Dataset, list[dict[str, Any]]]:
     """One split of a COCO folder and its categories (``{"id", "name", ...}``, sorted by id).
 
@@ -89,11 +93,13 @@ def load_coco_split(
     if not annotation_path.is_file():
         raise DataNotFoundError(
             f"COCO annotation file {str(annotation_path)!r} does not exist. Set `data_dir` to the folder holding "
-            f"annotations/instances_{split}.json and {split}/, or name the file with `annotation_file`.")
+            f"annotations/instances_{split}.json and {split}/, or name the file with `annotation_file`."
+        )
     if not image_root.is_dir():
         raise DataNotFoundError(
             f"COCO image folder {str(image_root)!r} does not exist. Set `data_dir` to the folder holding {split}/ "
-            "next to annotations/, or name the folder with `image_dir`.")
+            "next to annotations/, or name the folder with `image_dir`."
+        )
     try:
         content = json.loads(annotation_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -102,7 +108,8 @@ def load_coco_split(
         if not isinstance(content.get(key), list):
             raise DataError(
                 f"COCO annotation file {str(annotation_path)!r} has no '{key}' list: give an instances_*.json file "
-                "with 'images', 'annotations' and 'categories'.")
+                "with 'images', 'annotations' and 'categories'."
+            )
 
     categories = sorted(content["categories"], key=lambda category: category["id"])
     category_ids = {category["id"] for category in categories}
@@ -113,7 +120,8 @@ def load_coco_split(
         raise DataNotFoundError(
             f"{len(missing)} of the {len(images)} images listed in {str(annotation_path)!r} are not in "
             f"{str(image_root)!r}, e.g. {missing[:3]}. Point `data_dir`/`image_dir` at the image folder that "
-            "belongs to this annotation file (for instance val2017/ with instances_val2017.json).")
+            "belongs to this annotation file (for instance val2017/ with instances_val2017.json)."
+        )
 
     objects: dict[int, list[dict[str, Any]]] = {image_id: [] for image_id in images}
     dropped, clipped = 0, 0
@@ -122,12 +130,14 @@ def load_coco_split(
         if image is None:
             raise DataError(
                 f"Annotation {annotation.get('id')} in {str(annotation_path)!r} refers to image_id "
-                f"{annotation['image_id']}, which is not among the file's images. Fix or remove that annotation.")
+                f"{annotation['image_id']}, which is not among the file's images. Fix or remove that annotation."
+            )
         if annotation["category_id"] not in category_ids:
             raise InvalidLabelError(
                 f"Annotation {annotation.get('id')} (image {image['file_name']!r}) in {str(annotation_path)!r} has "
                 f"category_id {annotation['category_id']}, which is not among the file's categories "
-                f"{sorted(category_ids)}. Add the category to 'categories' or fix the annotation.")
+                f"{sorted(category_ids)}. Add the category to 'categories' or fix the annotation."
+            )
         x, y, w, h = (float(value) for value in annotation["bbox"])
         x1, y1 = max(x, 0.0), max(y, 0.0)
         x2, y2 = min(x + w, float(image["width"])), min(y + h, float(image["height"]))
@@ -137,20 +147,25 @@ def load_coco_split(
         if (x1, y1, x2, y2) != (x, y, x + w, y + h):
             clipped += 1
         segmentation = annotation.get("segmentation")
-        objects[image["id"]].append({
-            "id": int(annotation.get("id", -1)),
-            "bbox": [x1, y1, x2 - x1, y2 - y1],
-            "category_id": int(annotation["category_id"]),
-            "category": index_of[annotation["category_id"]],
-            "area": float(annotation.get("area", w * h)),
-            "iscrowd": int(annotation.get("iscrowd", 0)),
-            "segmentation": json.dumps(segmentation) if segmentation else "",
-        })
+        objects[image["id"]].append(
+            {
+                "id": int(annotation.get("id", -1)),
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "category_id": int(annotation["category_id"]),
+                "category": index_of[annotation["category_id"]],
+                "area": float(annotation.get("area", w * h)),
+                "iscrowd": int(annotation.get("iscrowd", 0)),
+                "segmentation": json.dumps(segmentation) if segmentation else "",
+            }
+        )
     if dropped or clipped:
         warnings.warn(
             f"{str(annotation_path)!r}: dropped {dropped} boxes with no width or height or lying outside their "
             f"image, and clipped {clipped} boxes reaching past the image border to it. Fix those annotations "
-            "to keep them.", CocoAnnotationWarning, stacklevel=2)
+            "to keep them.",
+            CocoAnnotationWarning,
+            stacklevel=2,
+        )
 
     rows = [image for image in images.values() if objects[image["id"]] or not skip_empty]
     columns = {
@@ -175,7 +190,7 @@ def category_names(categories: list[dict[str, Any]]) -> list[str]:
 def coco_splits(data_dir: str | os.PathLike) -> list[str]:
     """The split names of a COCO folder: ``<split>`` for each ``annotations/instances_<split>.json``."""
     folder = Path(data_dir).expanduser() / "annotations"
-    return sorted(path.name[len("instances_"):-len(".json")] for path in folder.glob("instances_*.json"))
+    return sorted(path.name[len("instances_") : -len(".json")] for path in folder.glob("instances_*.json"))
 
 
 def load_coco_folder(data_dir: str | os.PathLike) -> DatasetDict:
@@ -185,7 +200,8 @@ def load_coco_folder(data_dir: str | os.PathLike) -> DatasetDict:
         folder = Path(data_dir).expanduser()
         raise DataNotFoundError(
             f"{str(folder)!r} is not a COCO folder: it has no annotations/instances_<split>.json file. Set `data_dir` "
-            "to the folder holding annotations/instances_train2017.json and train2017/ (and the same for val2017).")
+            "to the folder holding annotations/instances_train2017.json and train2017/ (and the same for val2017)."
+        )
     return DatasetDict({split: load_coco_split(data_dir, split)[0] for split in splits})
 
 
@@ -200,17 +216,18 @@ def decode_segmentation(segmentation: Any, height: int, width: int, where: str =
     if size != [height, width]:
         raise DataError(
             f"The mask of {where} is {size[0] if size else '?'}x{size[1] if len(size) > 1 else '?'} (RLE 'size', "
-            f"height x width) but its image is {height}x{width}. Re-encode the mask at the image size.")
+            f"height x width) but its image is {height}x{width}. Re-encode the mask at the image size."
+        )
     if isinstance(segmentation["counts"], list):
         segmentation = mask_utils.frPyObjects(segmentation, height, width)
     return mask_utils.decode(segmentation)
 
 
 def decode_coco_example(
-        example: dict[str, Any],
-        label_of: dict[int, int],
-        masks: bool = True,
-        crowd: bool = False,
+    example: dict[str, Any],
+    label_of: dict[int, int],
+    masks: bool = True,
+    crowd: bool = False,
 ) -> tuple[tv_tensors.Image, dict[str, Any]]:
     """One row of `load_coco_split` as a uint8 CHW image and a target for torchvision's detectors.
 
@@ -230,7 +247,8 @@ def decode_coco_example(
     if image.size != (width, height):
         raise DataError(
             f"Image {path!r} is {image.width}x{image.height} (width x height) but its annotation file says "
-            f"{width}x{height}. Use the annotation file that belongs to these images.")
+            f"{width}x{height}. Use the annotation file that belongs to these images."
+        )
     objects = [obj for obj in example["objects"] if crowd or not obj["iscrowd"]]
     boxes = torch.tensor([obj["bbox"] for obj in objects], dtype=torch.float32).reshape(-1, 4)
     boxes[:, 2:] += boxes[:, :2]

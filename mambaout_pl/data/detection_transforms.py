@@ -34,17 +34,16 @@ def _per_box_tensors(sample: Any) -> tuple[torch.Tensor, ...]:
 
 
 def create_detection_transforms(
-        train: bool,
-        min_size: int | Sequence[int] = 800,
-        max_size: int = 1333,
-        flip_prob: float = 0.5,
-        resize_eval: bool = False,
+    train: bool,
+    min_size: int | Sequence[int] = 800,
+    max_size: int = 1333,
+    flip_prob: float = 0.5,
+    resize_eval: bool = False,
 ) -> v2.Compose:
     """The train or eval transform of ``(image, target)`` samples (see the module docstring)."""
     sizes = [min_size] if isinstance(min_size, int) else [int(size) for size in min_size]
     if not sizes or min(sizes) < 1 or max(sizes) >= max_size:
-        raise ValueError(
-            f"min_size={min_size} must be positive and below max_size={max_size} (e.g. 800 and 1333).")
+        raise ValueError(f"min_size={min_size} must be positive and below max_size={max_size} (e.g. 800 and 1333).")
     if len(sizes) == 1:
         resize: v2.Transform = v2.Resize(sizes[0], max_size=max_size, antialias=True)
     else:
@@ -52,9 +51,11 @@ def create_detection_transforms(
     to_float = v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)
     if not train:
         return v2.Compose([resize, to_float] if resize_eval else [to_float])
-    return v2.Compose([
-        resize,
-        v2.RandomHorizontalFlip(flip_prob),
-        to_float,
-        v2.SanitizeBoundingBoxes(labels_getter=_per_box_tensors),
-    ])
+    return v2.Compose(
+        [
+            resize,
+            v2.RandomHorizontalFlip(flip_prob),
+            to_float,
+            v2.SanitizeBoundingBoxes(labels_getter=_per_box_tensors),
+        ]
+    )

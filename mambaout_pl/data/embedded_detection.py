@@ -38,10 +38,10 @@ _POOLS = {"train": (0, 1497), "val": (1497, 1797)}
 
 
 def write_digit_detection(
-        folder: str | os.PathLike,
-        seed: int = 0,
-        counts: dict[str, int] | None = None,
-        size: int = DIGIT_DETECTION_SIZE,
+    folder: str | os.PathLike,
+    seed: int = 0,
+    counts: dict[str, int] | None = None,
+    size: int = DIGIT_DETECTION_SIZE,
 ) -> Path:
     """Write the dataset (see the module docstring) into ``folder``, which must not exist yet; returns it."""
     from sklearn.datasets import load_digits
@@ -61,27 +61,29 @@ def write_digit_detection(
             images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
             for mask, digit in objects:
                 rle = mask_utils.encode(np.asfortranarray(mask))
-                annotations.append({
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": digit + 1,
-                    "bbox": [float(value) for value in mask_utils.toBbox(rle)],
-                    "area": float(mask.sum()),
-                    "iscrowd": 0,
-                    "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
-                })
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": digit + 1,
+                        "bbox": [float(value) for value in mask_utils.toBbox(rle)],
+                        "area": float(mask.sum()),
+                        "iscrowd": 0,
+                        "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
+                    }
+                )
         content = {"images": images, "annotations": annotations, "categories": DIGIT_DETECTION_CATEGORIES}
         (folder / "annotations" / f"instances_{split}.json").write_text(json.dumps(content))
     return folder
 
 
 def digit_scene(
-        images: np.ndarray,
-        targets: np.ndarray,
-        rng: np.random.Generator,
-        first: int,
-        last: int,
-        size: int,
+    images: np.ndarray,
+    targets: np.ndarray,
+    rng: np.random.Generator,
+    first: int,
+    last: int,
+    size: int,
 ) -> tuple[np.ndarray, list[tuple[np.ndarray, int]]]:
     """One scene (uint8 ``[size, size, 3]``) and its digits as (uint8 ``[size, size]`` mask, digit) pairs."""
     scene = smooth_background(rng, size)
@@ -92,14 +94,14 @@ def digit_scene(
         side = int(rng.integers(16, 33))
         for _attempt in range(20):
             top, left = (int(value) for value in rng.integers(0, size - side + 1, size=2))
-            if not taken[top:top + side, left:left + side].any():
+            if not taken[top : top + side, left : left + side].any():
                 break
         else:
             continue  # no free place left for a digit of this size
         ink = paint_digit(scene, images[sample], top, left, side, rng)
         mask = np.zeros((size, size), dtype=np.uint8)
-        mask[top:top + side, left:left + side] = ink >= 0.5
-        taken[top:top + side, left:left + side] = True
+        mask[top : top + side, left : left + side] = ink >= 0.5
+        taken[top : top + side, left : left + side] = True
         if mask.any():
             objects.append((mask, int(targets[sample])))
     return np.clip(np.rint(scene), 0, 255).astype(np.uint8), objects

@@ -79,7 +79,9 @@ class ResumableDataLoader(DataLoader):
     Lightning reads it when it saves a checkpoint and gives it back before resuming.
     """
 
-    def __init__(self, dataset: SeededSamples, *args: Any, resume_state: dict[str, int] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, dataset: SeededSamples, *args: Any, resume_state: dict[str, int] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(dataset, *args, **kwargs)
         self._epoch = 0
         self._consumed = 0

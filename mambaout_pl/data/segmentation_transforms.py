@@ -58,7 +58,9 @@ class RandomRescale(v2.Transform):
         return {"size": list(rescale_size(height, width, [int(side * ratio) for side in self.scale]))}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        return self._call_kernel(F.resize, inpt, params["size"], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        return self._call_kernel(
+            F.resize, inpt, params["size"], interpolation=v2.InterpolationMode.BILINEAR, antialias=True
+        )
 
 
 class Rescale(RandomRescale):
@@ -94,7 +96,9 @@ class RandomCategoryCrop(v2.Transform):
         if self.cat_max_ratio >= 1.0 or not masks:
             return params
         for _ in range(self.attempts):
-            window = masks[0][..., params["top"] : params["top"] + crop_height, params["left"] : params["left"] + crop_width]
+            window = masks[0][
+                ..., params["top"] : params["top"] + crop_height, params["left"] : params["left"] + crop_width
+            ]
             _, counts = torch.unique(window[window != self.ignore_index], return_counts=True)
             if len(counts) > 1 and counts.max().item() / counts.sum().item() < self.cat_max_ratio:
                 break
@@ -185,7 +189,9 @@ class SegmentationTransform:
         self.transform = transform
         self.joint = joint
 
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(
+        self, image: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         image = tv_tensors.Image(image)
         if self.joint and mask is not None:
             image, mask = self.transform(image, tv_tensors.Mask(mask))

@@ -28,9 +28,22 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 # timm's auto-augment grammar: a policy name, then "-"-separated sections "<key><number>". timm skips a
 # section without a number (``inc`` in ``rand-m9-incl``) and runs on without it.
 _AUGMENT_SECTIONS = {
-    "rand": {"m": "magnitude", "n": "ops per image", "mstd": "magnitude std", "mmax": "largest magnitude",
-             "inc": "increasing ops (0/1)", "p": "op probability"},
-    "augmix": {"m": "magnitude", "w": "width", "d": "depth", "mstd": "magnitude std", "a": "alpha", "b": "blended (0/1)"},
+    "rand": {
+        "m": "magnitude",
+        "n": "ops per image",
+        "mstd": "magnitude std",
+        "mmax": "largest magnitude",
+        "inc": "increasing ops (0/1)",
+        "p": "op probability",
+    },
+    "augmix": {
+        "m": "magnitude",
+        "w": "width",
+        "d": "depth",
+        "mstd": "magnitude std",
+        "a": "alpha",
+        "b": "blended (0/1)",
+    },
     "autoaugment": {"mstd": "magnitude std"},
 }
 _AUTO_AUGMENT_POLICIES = ("original", "originalr", "v0", "v0r", "3a")

@@ -47,7 +47,9 @@ def model_card(
     )
     parameters = sum(p.numel() for p in network.parameters())
     gmacs = _gmacs(network, spec.preprocessing.get("input_size"))
-    size_text = "x".join(str(s) for s in spec.preprocessing["input_size"][1:]) if "input_size" in spec.preprocessing else "?"
+    size_text = (
+        "x".join(str(s) for s in spec.preprocessing["input_size"][1:]) if "input_size" in spec.preprocessing else "?"
+    )
     metric_rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items())) or "| - | - |"
     recipe = _recipe_text(checkpoint, checkpoint_path)
     name = spec.model_name

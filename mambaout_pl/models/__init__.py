@@ -1,11 +1,10 @@
 """Models: MambaOut, a registry that also reaches timm's models, and checkpoint loading."""
-from .weights import (
-    CheckpointError,
-    CheckpointMismatchError,
-    UnsafeCheckpointError,
-    load_pretrained,
-    read_state_dict,
-)
+
+from .backbones import FeatureBackbone
+from .detector import RCNNDetector
+from .inference import segment, slide_inference, whole_inference
+from .mambaout import MambaOut
+from .mixers import MixerSpec
 from .registry import (
     UnknownModelError,
     UntrustedNameError,
@@ -18,38 +17,40 @@ from .registry import (
     resolve_trusted_class,
     untrusted_source,
 )
-from .mixers import MixerSpec
-from .mambaout import MambaOut
-from .backbones import FeatureBackbone
-from .upernet import FCNHead, UperNetHead
 from .segmentor import UperNetSegmentor
-from .detector import RCNNDetector
-from .inference import segment, slide_inference, whole_inference
+from .upernet import FCNHead, UperNetHead
+from .weights import (
+    CheckpointError,
+    CheckpointMismatchError,
+    UnsafeCheckpointError,
+    load_pretrained,
+    read_state_dict,
+)
 
 __all__ = [
-    'MambaOut',
-    'create_model',
-    'list_models',
-    'register_model',
-    'resolve_model',
-    'untrusted_source',
-    'allow_import_path',
-    'resolve_trusted_class',
-    'UntrustedNameError',
-    'MixerSpec',
-    'load_pretrained',
-    'from_pretrained',
-    'read_state_dict',
-    'UnknownModelError',
-    'CheckpointError',
-    'CheckpointMismatchError',
-    'UnsafeCheckpointError',
-    'FeatureBackbone',
-    'UperNetHead',
-    'FCNHead',
-    'UperNetSegmentor',
-    'RCNNDetector',
-    'segment',
-    'slide_inference',
-    'whole_inference',
+    "MambaOut",
+    "create_model",
+    "list_models",
+    "register_model",
+    "resolve_model",
+    "untrusted_source",
+    "allow_import_path",
+    "resolve_trusted_class",
+    "UntrustedNameError",
+    "MixerSpec",
+    "load_pretrained",
+    "from_pretrained",
+    "read_state_dict",
+    "UnknownModelError",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "UnsafeCheckpointError",
+    "FeatureBackbone",
+    "UperNetHead",
+    "FCNHead",
+    "UperNetSegmentor",
+    "RCNNDetector",
+    "segment",
+    "slide_inference",
+    "whole_inference",
 ]

@@ -1,6 +1,8 @@
 """Multi-scale backbones for dense prediction: a list of NCHW stage outputs from ours or any timm model."""
+
 import os
-from typing import Any, List, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import timm
 import torch
@@ -9,7 +11,7 @@ from torch import nn
 from .registry import create_model, resolve_model
 from .weights import CheckpointError
 
-__all__ = ['FeatureBackbone']
+__all__ = ["FeatureBackbone"]
 
 
 class FeatureBackbone(nn.Module):
@@ -34,41 +36,42 @@ class FeatureBackbone(nn.Module):
     """
 
     def __init__(
-            self,
-            name: str,
-            out_indices: Sequence[int] = (-4, -3, -2, -1),
-            pretrained: Optional[Union[str, os.PathLike]] = None,
-            drop_path_rate: float = 0.,
-            **kwargs: Any,
+        self,
+        name: str,
+        out_indices: Sequence[int] = (-4, -3, -2, -1),
+        pretrained: str | os.PathLike | None = None,
+        drop_path_rate: float = 0.0,
+        **kwargs: Any,
     ):
         super().__init__()
         if drop_path_rate > 0:
-            kwargs['drop_path_rate'] = drop_path_rate
+            kwargs["drop_path_rate"] = drop_path_rate
         self.name = name
-        self.uses_timm_features = resolve_model(name).kind == 'timm'
+        self.uses_timm_features = resolve_model(name).kind == "timm"
         if self.uses_timm_features:
             self.model = _timm_features(name, tuple(out_indices), pretrained, **kwargs)
             self.indices = list(out_indices)
-            self.channels: List[int] = list(self.model.feature_info.channels())
-            self.reductions: List[int] = list(self.model.feature_info.reduction())
-            self.channels_last = str(getattr(self.model, 'output_fmt', 'NCHW')).endswith('NHWC')
+            self.channels: list[int] = list(self.model.feature_info.channels())
+            self.reductions: list[int] = list(self.model.feature_info.reduction())
+            self.channels_last = str(getattr(self.model, "output_fmt", "NCHW")).endswith("NHWC")
             return
 
         self.model = create_model(name, pretrained=pretrained, **kwargs)
-        if not hasattr(self.model, 'forward_intermediates'):
+        if not hasattr(self.model, "forward_intermediates"):
             raise TypeError(
                 f"Model '{name}' ({type(self.model).__name__}) has no forward_intermediates method, so its stage "
-                'outputs cannot be taken; give it one (see mambaout_pl.models.MambaOut) or use a timm model name.')
-        feature_info = getattr(self.model, 'feature_info', None)
+                "outputs cannot be taken; give it one (see mambaout_pl.models.MambaOut) or use a timm model name."
+            )
+        feature_info = getattr(self.model, "feature_info", None)
         if feature_info:
             num_stages = len(feature_info)
             self.indices = _resolve_indices(out_indices, num_stages, name)
-            self.channels = [feature_info[i]['num_chs'] for i in self.indices]
-            self.reductions = [feature_info[i]['reduction'] for i in self.indices]
+            self.channels = [feature_info[i]["num_chs"] for i in self.indices]
+            self.reductions = [feature_info[i]["reduction"] for i in self.indices]
         else:
             self.indices = list(out_indices)
             self.channels, self.reductions = self._probe()
-        if hasattr(self.model, 'prune_intermediate_layers'):
+        if hasattr(self.model, "prune_intermediate_layers"):
             self.model.prune_intermediate_layers(self.indices, prune_head=True)
         self.channels_last = False
 
@@ -81,10 +84,10 @@ class FeatureBackbone(nn.Module):
         self.model.train(training)
         return [output.shape[1] for output in outputs], [64 // output.shape[-1] for output in outputs]
 
-    def _intermediates(self, images: torch.Tensor) -> List[torch.Tensor]:
+    def _intermediates(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.model.forward_intermediates(images, indices=self.indices, intermediates_only=True)
 
-    def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """NCHW feature maps `[B, channels[i], H / reductions[i], W / reductions[i]]`."""
         if self.uses_timm_features:
             features = self.model(images)
@@ -95,7 +98,7 @@ class FeatureBackbone(nn.Module):
         return list(features)
 
 
-def _resolve_indices(out_indices: Sequence[int], num_stages: int, name: str) -> List[int]:
+def _resolve_indices(out_indices: Sequence[int], num_stages: int, name: str) -> list[int]:
     resolved = [index + num_stages if index < 0 else index for index in out_indices]
     if not resolved or not all(0 <= index < num_stages for index in resolved):
         raise ValueError(f"out_indices={list(out_indices)} do not fit the {num_stages} stages of '{name}'.")
@@ -103,10 +106,10 @@ def _resolve_indices(out_indices: Sequence[int], num_stages: int, name: str) -> 
 
 
 def _timm_features(
-        name: str,
-        out_indices: tuple,
-        pretrained: Optional[Union[str, os.PathLike]],
-        **kwargs: Any,
+    name: str,
+    out_indices: tuple,
+    pretrained: str | os.PathLike | None,
+    **kwargs: Any,
 ) -> nn.Module:
     """timm's feature extractor, with weights from a local file through timm's own loader (weights only)."""
     if pretrained is None:
@@ -116,9 +119,15 @@ def _timm_features(
         raise FileNotFoundError(f"Checkpoint file not found: '{path}'.")
     try:
         return timm.create_model(
-            name, pretrained=True, pretrained_cfg_overlay=dict(file=path), features_only=True,
-            out_indices=out_indices, **kwargs)
+            name,
+            pretrained=True,
+            pretrained_cfg_overlay=dict(file=path),
+            features_only=True,
+            out_indices=out_indices,
+            **kwargs,
+        )
     except (RuntimeError, KeyError, ValueError, OSError) as error:
         raise CheckpointError(
             f"Cannot load '{path}' into timm's '{name}': {error}. Give a timm state dict of this model "
-            '(.pth, .bin or .safetensors).') from error
+            "(.pth, .bin or .safetensors)."
+        ) from error

@@ -66,15 +66,16 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
     """torchvision's `MultiScaleRoIAlign` (same FPN level mapping) pooling with `roi_align(aligned=True)`."""
 
     def forward(
-            self,
-            x: dict[str, torch.Tensor],
-            boxes: list[torch.Tensor],
-            image_shapes: list[tuple[int, int]],
+        self,
+        x: dict[str, torch.Tensor],
+        boxes: list[torch.Tensor],
+        image_shapes: list[tuple[int, int]],
     ) -> torch.Tensor:
         features = _filter_input(x, self.featmap_names)
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(
-                features, image_shapes, self.canonical_scale, self.canonical_level)
+                features, image_shapes, self.canonical_scale, self.canonical_level
+            )
         rois = _convert_to_roi_format(boxes)
         if len(features) == 1:
             return roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio, aligned=True)
@@ -91,11 +92,11 @@ class L1RegionProposalNetwork(RegionProposalNetwork):
     """torchvision's RPN with an L1 loss on the anchor deltas (mmdetection's) instead of smooth-L1."""
 
     def compute_loss(
-            self,
-            objectness: torch.Tensor,
-            pred_bbox_deltas: torch.Tensor,
-            labels: list[torch.Tensor],
-            regression_targets: list[torch.Tensor],
+        self,
+        objectness: torch.Tensor,
+        pred_bbox_deltas: torch.Tensor,
+        labels: list[torch.Tensor],
+        regression_targets: list[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         positive, negative = self.fg_bg_sampler(labels)
         positive = torch.where(torch.cat(positive, dim=0))[0]
@@ -110,10 +111,10 @@ class L1RegionProposalNetwork(RegionProposalNetwork):
 
 
 def l1_fastrcnn_loss(
-        class_logits: torch.Tensor,
-        box_regression: torch.Tensor,
-        labels: list[torch.Tensor],
-        regression_targets: list[torch.Tensor],
+    class_logits: torch.Tensor,
+    box_regression: torch.Tensor,
+    labels: list[torch.Tensor],
+    regression_targets: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Box-head losses as torchvision's `fastrcnn_loss`, with L1 on the class-specific deltas of positive RoIs."""
     labels = torch.cat(labels, dim=0)
@@ -121,16 +122,18 @@ def l1_fastrcnn_loss(
     classification_loss = F.cross_entropy(class_logits, labels)
     positive = torch.where(labels > 0)[0]
     box_regression = box_regression.reshape(class_logits.shape[0], -1, 4)
-    box_loss = F.l1_loss(
-        box_regression[positive, labels[positive]], regression_targets[positive], reduction="sum") / labels.numel()
+    box_loss = (
+        F.l1_loss(box_regression[positive, labels[positive]], regression_targets[positive], reduction="sum")
+        / labels.numel()
+    )
     return classification_loss, box_loss
 
 
 def binary_mask_targets(
-        gt_masks: torch.Tensor,
-        boxes: torch.Tensor,
-        matched_idxs: torch.Tensor,
-        size: int,
+    gt_masks: torch.Tensor,
+    boxes: torch.Tensor,
+    matched_idxs: torch.Tensor,
+    size: int,
 ) -> torch.Tensor:
     """Ground-truth masks cropped to `boxes` by aligned RoIAlign (adaptive sampling), thresholded at 0.5."""
     rois = torch.cat([matched_idxs.to(boxes)[:, None], boxes], dim=1)
@@ -139,19 +142,22 @@ def binary_mask_targets(
 
 
 def binary_mask_loss(
-        mask_logits: torch.Tensor,
-        proposals: list[torch.Tensor],
-        gt_masks: list[torch.Tensor],
-        gt_labels: list[torch.Tensor],
-        mask_matched_idxs: list[torch.Tensor],
+    mask_logits: torch.Tensor,
+    proposals: list[torch.Tensor],
+    gt_masks: list[torch.Tensor],
+    gt_labels: list[torch.Tensor],
+    mask_matched_idxs: list[torch.Tensor],
 ) -> torch.Tensor:
     """Mask loss as torchvision's `maskrcnn_loss`, on binary targets (see `binary_mask_targets`)."""
     size = mask_logits.shape[-1]
     labels = torch.cat([gt_label[idxs] for gt_label, idxs in zip(gt_labels, mask_matched_idxs)], dim=0)
-    targets = torch.cat([
-        binary_mask_targets(masks, boxes, idxs, size)
-        for masks, boxes, idxs in zip(gt_masks, proposals, mask_matched_idxs)
-    ], dim=0)
+    targets = torch.cat(
+        [
+            binary_mask_targets(masks, boxes, idxs, size)
+            for masks, boxes, idxs in zip(gt_masks, proposals, mask_matched_idxs)
+        ],
+        dim=0,
+    )
     if targets.numel() == 0:
         return mask_logits.sum() * 0
     logits = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels]
@@ -165,11 +171,11 @@ class MMDetRoIHeads(RoIHeads):
     """
 
     def forward(
-            self,
-            features: dict[str, torch.Tensor],
-            proposals: list[torch.Tensor],
-            image_shapes: list[tuple[int, int]],
-            targets: list[dict[str, torch.Tensor]] | None = None,
+        self,
+        features: dict[str, torch.Tensor],
+        proposals: list[torch.Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, torch.Tensor]] | None = None,
     ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
         if not self.training:
             return super().forward(features, proposals, image_shapes, targets)
@@ -187,8 +193,12 @@ class MMDetRoIHeads(RoIHeads):
             mask_features = self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes))
             mask_logits = self.mask_predictor(mask_features)
             losses["loss_mask"] = binary_mask_loss(
-                mask_logits, mask_proposals, [t["masks"] for t in targets], [t["labels"] for t in targets],
-                mask_matched_idxs)
+                mask_logits,
+                mask_proposals,
+                [t["masks"] for t in targets],
+                [t["labels"] for t in targets],
+                mask_matched_idxs,
+            )
         return [], losses
 
 
@@ -198,9 +208,9 @@ class FPNBackbone(nn.Module):
     def __init__(self, body: FeatureBackbone, out_channels: int = 256, stage_norm: bool = True):
         super().__init__()
         self.body = body
-        self.stage_norms = nn.ModuleList([
-            LayerNorm2d(channels, eps=1e-6) if stage_norm else nn.Identity() for channels in body.channels
-        ])
+        self.stage_norms = nn.ModuleList(
+            [LayerNorm2d(channels, eps=1e-6) if stage_norm else nn.Identity() for channels in body.channels]
+        )
         self.fpn = FeaturePyramidNetwork(body.channels, out_channels, extra_blocks=LastLevelMaxPool())
         self.out_channels = out_channels
         self.featmap_names = [str(index) for index in range(len(body.channels))]
@@ -208,8 +218,9 @@ class FPNBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """FPN maps `{"0": P2, ..., "3": P5, "pool": P6}` for a stride-4..32 backbone."""
         stages = self.body(images)
-        return self.fpn(OrderedDict(
-            (name, norm(stage)) for name, norm, stage in zip(self.featmap_names, self.stage_norms, stages)))
+        return self.fpn(
+            OrderedDict((name, norm(stage)) for name, norm, stage in zip(self.featmap_names, self.stage_norms, stages))
+        )
 
 
 class RCNNDetector(
@@ -253,24 +264,24 @@ class RCNNDetector(
     """
 
     def __init__(
-            self,
-            backbone: str = "mambaout_tiny",
-            num_classes: int = 80,
-            masks: bool = True,
-            head_style: str = "mmdet",
-            backbone_args: dict[str, Any] | None = None,
-            out_indices: Sequence[int] = (-4, -3, -2, -1),
-            stage_norm: bool = True,
-            fpn_channels: int = 256,
-            anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
-            drop_path_rate: float = 0.,
-            min_size: int = 800,
-            max_size: int = 1333,
-            image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-            image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
-            box_batch_size_per_image: int = 512,
-            box_detections_per_img: int = 100,
-            pretrained: str | os.PathLike | None = None,
+        self,
+        backbone: str = "mambaout_tiny",
+        num_classes: int = 80,
+        masks: bool = True,
+        head_style: str = "mmdet",
+        backbone_args: dict[str, Any] | None = None,
+        out_indices: Sequence[int] = (-4, -3, -2, -1),
+        stage_norm: bool = True,
+        fpn_channels: int = 256,
+        anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
+        drop_path_rate: float = 0.0,
+        min_size: int = 800,
+        max_size: int = 1333,
+        image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        box_batch_size_per_image: int = 512,
+        box_detections_per_img: int = 100,
+        pretrained: str | os.PathLike | None = None,
     ):
         if head_style not in HEAD_STYLES:
             raise ValueError(f"head_style='{head_style}' is not one of {list(HEAD_STYLES)}.")
@@ -278,16 +289,22 @@ class RCNNDetector(
             raise ValueError(f"num_classes={num_classes} must be >= 1 (object classes, without the background).")
         mmdet = head_style == "mmdet"
         body = FeatureBackbone(
-            backbone, out_indices=out_indices, pretrained=pretrained, drop_path_rate=drop_path_rate,
-            **(backbone_args or {}))
+            backbone,
+            out_indices=out_indices,
+            pretrained=pretrained,
+            drop_path_rate=drop_path_rate,
+            **(backbone_args or {}),
+        )
         fpn = FPNBackbone(body, fpn_channels, stage_norm)
         num_levels = len(fpn.featmap_names) + 1
         if len(anchor_sizes) != num_levels:
             raise ValueError(
                 f"anchor_sizes={list(anchor_sizes)} must give one size per FPN level: {num_levels} for "
-                f"{len(fpn.featmap_names)} backbone stages and the max-pooled top level.")
+                f"{len(fpn.featmap_names)} backbone stages and the max-pooled top level."
+            )
         anchor_generator = AnchorGenerator(
-            tuple((int(size),) for size in anchor_sizes), ((0.5, 1.0, 2.0),) * num_levels)
+            tuple((int(size),) for size in anchor_sizes), ((0.5, 1.0, 2.0),) * num_levels
+        )
         rpn_class = L1RegionProposalNetwork if mmdet else RegionProposalNetwork
         rpn = rpn_class(
             anchor_generator,
@@ -305,7 +322,7 @@ class RCNNDetector(
         heads_class = MMDetRoIHeads if mmdet else RoIHeads
         roi_heads = heads_class(
             pool_class(fpn.featmap_names, 7, sampling_ratio),
-            TwoMLPHead(fpn_channels * 7 ** 2, 1024),
+            TwoMLPHead(fpn_channels * 7**2, 1024),
             FastRCNNPredictor(1024, num_classes + 1),
             fg_iou_thresh=0.5,
             bg_iou_thresh=0.5,

@@ -11,6 +11,7 @@ tensors, so neither the forward `cat` nor the backward of the split copies activ
 Used by `GatedCNNBlock` when its token mixer is the (non-causal) depthwise convolution and its
 activation is GELU or SiLU; any other block runs the plain module code.
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -19,21 +20,21 @@ from timm.layers import register_notrace_function
 from timm.layers.activations import GELU as TimmGELU
 from torch import nn
 
-__all__ = ['fused_gated_conv', 'fused_gated_conv_weights', 'supports_fused_activation']
+__all__ = ["fused_gated_conv", "fused_gated_conv_weights", "supports_fused_activation"]
 
 # (forward, backward computing d act(x) / dx * grad in place in `grad`)
 _ACTIVATIONS = {
-    'gelu': (F.gelu, lambda grad, x: torch.ops.aten.gelu_backward.grad_input(grad, x, grad_input=grad)),
-    'silu': (F.silu, lambda grad, x: torch.ops.aten.silu_backward.grad_input(grad, x, grad_input=grad)),
+    "gelu": (F.gelu, lambda grad, x: torch.ops.aten.gelu_backward.grad_input(grad, x, grad_input=grad)),
+    "silu": (F.silu, lambda grad, x: torch.ops.aten.silu_backward.grad_input(grad, x, grad_input=grad)),
 }
 
 
 def supports_fused_activation(act: nn.Module) -> Optional[str]:
     """The fused name of `act` ('gelu' or 'silu'), or None when the fused path cannot compute it."""
-    if (type(act) is nn.GELU and act.approximate == 'none') or type(act) is TimmGELU:
-        return 'gelu'
+    if (type(act) is nn.GELU and act.approximate == "none") or type(act) is TimmGELU:
+        return "gelu"
     if type(act) is nn.SiLU:
-        return 'silu'
+        return "silu"
     return None
 
 
@@ -45,21 +46,20 @@ def _fc1_row_blocks(gate_chs: int, conv_chs: int) -> Tuple[Tuple[int, int], ...]
 
 
 class _FusedGatedConv(torch.autograd.Function):
-
     @staticmethod
     def forward(
-            ctx,
-            x: torch.Tensor,
-            fc1_weight: torch.Tensor,
-            fc1_bias: torch.Tensor,
-            conv_weight: torch.Tensor,
-            conv_bias: Optional[torch.Tensor],
-            fc2_weight: torch.Tensor,
-            fc2_bias: torch.Tensor,
-            gate_chs: int,
-            conv_chs: int,
-            padding: int,
-            activation: str,
+        ctx,
+        x: torch.Tensor,
+        fc1_weight: torch.Tensor,
+        fc1_bias: torch.Tensor,
+        conv_weight: torch.Tensor,
+        conv_bias: Optional[torch.Tensor],
+        fc2_weight: torch.Tensor,
+        fc2_bias: torch.Tensor,
+        gate_chs: int,
+        conv_chs: int,
+        padding: int,
+        activation: str,
     ) -> torch.Tensor:
         batch, height, width, dim = x.shape
         tokens = x.reshape(-1, dim)
@@ -77,16 +77,40 @@ class _FusedGatedConv(torch.autograd.Function):
         out = torch.addmm(fc2_bias, gated_c, fc2_weight[:, identity_chs:].t())
         out = torch.addmm(out, gated_i, fc2_weight[:, :identity_chs].t())  # not addmm_: flop counters skip it
         ctx.save_for_backward(
-            tokens, fc1_weight, conv_weight, fc2_weight, gate_i, gate_c, act_i, act_c, i, c_image, mixed,
-            gated_i, gated_c,
+            tokens,
+            fc1_weight,
+            conv_weight,
+            fc2_weight,
+            gate_i,
+            gate_c,
+            act_i,
+            act_c,
+            i,
+            c_image,
+            mixed,
+            gated_i,
+            gated_c,
         )
         ctx.sizes = (batch, height, width, gate_chs, conv_chs, padding, activation, conv_bias is not None)
         return out.view(batch, height, width, -1)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        (tokens, fc1_weight, conv_weight, fc2_weight, gate_i, gate_c, act_i, act_c, i, c_image, mixed,
-         gated_i, gated_c) = ctx.saved_tensors
+        (
+            tokens,
+            fc1_weight,
+            conv_weight,
+            fc2_weight,
+            gate_i,
+            gate_c,
+            act_i,
+            act_c,
+            i,
+            c_image,
+            mixed,
+            gated_i,
+            gated_c,
+        ) = ctx.saved_tensors
         batch, height, width, gate_chs, conv_chs, padding, activation, has_conv_bias = ctx.sizes
         identity_chs = gate_chs - conv_chs
         grad_out = grad_out.reshape(-1, grad_out.shape[-1])
@@ -106,8 +130,16 @@ class _FusedGatedConv(torch.autograd.Function):
 
         grad_mixed_image = grad_mixed.view(batch, height, width, conv_chs).permute(0, 3, 1, 2)
         grad_c_image, grad_conv_weight, grad_conv_bias = torch.ops.aten.convolution_backward(
-            grad_mixed_image, c_image, conv_weight, [conv_chs] if has_conv_bias else None,
-            [1, 1], [padding, padding], [1, 1], False, [0, 0], conv_chs,
+            grad_mixed_image,
+            c_image,
+            conv_weight,
+            [conv_chs] if has_conv_bias else None,
+            [1, 1],
+            [padding, padding],
+            [1, 1],
+            False,
+            [0, 0],
+            conv_chs,
             [True, True, has_conv_bias],
         )
         grad_c = grad_c_image.permute(0, 2, 3, 1).reshape(-1, conv_chs)
@@ -121,9 +153,17 @@ class _FusedGatedConv(torch.autograd.Function):
             torch.mm(grad.t(), tokens, out=grad_fc1_weight[start:end])
         grad_fc1_bias = torch.cat([grad.sum(0) for grad in grads])
         return (
-            grad_tokens.view(batch, height, width, -1), grad_fc1_weight, grad_fc1_bias,
-            grad_conv_weight, grad_conv_bias, grad_fc2_weight_t.t(), grad_fc2_bias,
-            None, None, None, None,
+            grad_tokens.view(batch, height, width, -1),
+            grad_fc1_weight,
+            grad_fc1_bias,
+            grad_conv_weight,
+            grad_conv_bias,
+            grad_fc2_weight_t.t(),
+            grad_fc2_bias,
+            None,
+            None,
+            None,
+            None,
         )
 
 
@@ -136,16 +176,16 @@ def _autocast_enabled(device_type: str) -> bool:
 
 @register_notrace_function  # a leaf of torch.fx graphs: traced models call the same function
 def fused_gated_conv_weights(
-        x: torch.Tensor,
-        fc1_weight: torch.Tensor,
-        fc1_bias: torch.Tensor,
-        conv_weight: torch.Tensor,
-        conv_bias: Optional[torch.Tensor],
-        fc2_weight: torch.Tensor,
-        fc2_bias: torch.Tensor,
-        gate_chs: int,
-        padding: int,
-        activation: str,
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor,
+    gate_chs: int,
+    padding: int,
+    activation: str,
 ) -> torch.Tensor:
     """`fused_gated_conv` on the layers' tensors: fc1, depthwise conv and fc2 weights and biases."""
     weights = (fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias)
@@ -161,12 +201,12 @@ def fused_gated_conv_weights(
 
 
 def fused_gated_conv(
-        x: torch.Tensor,
-        fc1: nn.Linear,
-        conv: nn.Conv2d,
-        fc2: nn.Linear,
-        gate_chs: int,
-        activation: str,
+    x: torch.Tensor,
+    fc1: nn.Linear,
+    conv: nn.Conv2d,
+    fc2: nn.Linear,
+    gate_chs: int,
+    activation: str,
 ) -> torch.Tensor:
     """`fc2(act(g) * cat(i, conv(c)))` with `g, i, c = split(fc1(x))`, for channels-last `x` [B, H, W, C].
 
@@ -175,4 +215,5 @@ def fused_gated_conv(
     and `nn.Conv2d` would cast them.
     """
     return fused_gated_conv_weights(
-        x, fc1.weight, fc1.bias, conv.weight, conv.bias, fc2.weight, fc2.bias, gate_chs, conv.padding[0], activation)
+        x, fc1.weight, fc1.bias, conv.weight, conv.bias, fc2.weight, fc2.bias, gate_chs, conv.padding[0], activation
+    )

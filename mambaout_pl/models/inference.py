@@ -4,17 +4,18 @@ Each function takes `model`, any callable mapping images `[B, 3, h, w]` to logit
 `[B, K, h, w]` at the input size (such as `UperNetSegmentor`), and follows mmsegmentation's
 `whole_inference`, `slide_inference` and `SegTTAModel`.
 """
-from typing import Callable, Sequence, Tuple
+
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .upernet import resize
 
-__all__ = ['whole_inference', 'slide_inference', 'segment']
+__all__ = ["whole_inference", "slide_inference", "segment"]
 
 Model = Callable[[torch.Tensor], torch.Tensor]
-INFERENCE_MODES = ('whole', 'slide')
+INFERENCE_MODES = ("whole", "slide")
 
 
 def whole_inference(model: Model, images: torch.Tensor) -> torch.Tensor:
@@ -23,10 +24,10 @@ def whole_inference(model: Model, images: torch.Tensor) -> torch.Tensor:
 
 
 def slide_inference(
-        model: Model,
-        images: torch.Tensor,
-        crop_size: Sequence[int] = (512, 512),
-        stride: Sequence[int] = (341, 341),
+    model: Model,
+    images: torch.Tensor,
+    crop_size: Sequence[int] = (512, 512),
+    stride: Sequence[int] = (341, 341),
 ) -> torch.Tensor:
     """Logits from overlapping `crop_size` windows `stride` apart, averaged where they overlap.
 
@@ -36,7 +37,7 @@ def slide_inference(
     crop_height, crop_width = crop_size
     stride_height, stride_width = stride
     if min(crop_height, crop_width, stride_height, stride_width) < 1:
-        raise ValueError(f'crop_size={list(crop_size)} and stride={list(stride)} must be positive.')
+        raise ValueError(f"crop_size={list(crop_size)} and stride={list(stride)} must be positive.")
     batch, _, height, width = images.shape
     rows = max(height - crop_height + stride_height - 1, 0) // stride_height + 1
     columns = max(width - crop_width + stride_width - 1, 0) // stride_width + 1
@@ -56,28 +57,28 @@ def slide_inference(
 
 
 def _logits(
-        model: Model,
-        images: torch.Tensor,
-        mode: str,
-        crop_size: Sequence[int],
-        stride: Sequence[int],
+    model: Model,
+    images: torch.Tensor,
+    mode: str,
+    crop_size: Sequence[int],
+    stride: Sequence[int],
 ) -> torch.Tensor:
-    if mode == 'whole':
+    if mode == "whole":
         return whole_inference(model, images)
-    if mode == 'slide':
+    if mode == "slide":
         return slide_inference(model, images, crop_size, stride)
     raise ValueError(f"inference mode '{mode}' is not one of {list(INFERENCE_MODES)}.")
 
 
 def segment(
-        model: Model,
-        images: torch.Tensor,
-        output_size: Tuple[int, int],
-        mode: str = 'whole',
-        crop_size: Sequence[int] = (512, 512),
-        stride: Sequence[int] = (341, 341),
-        scales: Sequence[float] = (1.0,),
-        flip: bool = False,
+    model: Model,
+    images: torch.Tensor,
+    output_size: tuple[int, int],
+    mode: str = "whole",
+    crop_size: Sequence[int] = (512, 512),
+    stride: Sequence[int] = (341, 341),
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
 ) -> torch.Tensor:
     """Log-probabilities `[B, K, *output_size]`: the prediction scored against labels of `output_size`.
 
@@ -89,7 +90,7 @@ def segment(
     """
     scales = list(scales)
     if not scales or min(scales) <= 0:
-        raise ValueError(f'scales={scales} must be positive ratios, e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75].')
+        raise ValueError(f"scales={scales} must be positive ratios, e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75].")
     if scales == [1.0] and not flip:
         logits = _logits(model, images, mode, crop_size, stride)
         return F.log_softmax(resize(logits.float(), output_size), dim=1)
@@ -99,7 +100,7 @@ def segment(
     for scale in scales:
         size = (int(height * scale + 0.5), int(width * scale + 0.5))
         scaled = resize(images, size)
-        for flipped in ((False, True) if flip else (False,)):
+        for flipped in (False, True) if flip else (False,):
             view = scaled.flip(-1) if flipped else scaled
             logits = resize(_logits(model, view, mode, crop_size, stride).float(), output_size)
             if flipped:

@@ -7,18 +7,19 @@ Module names, and so state-dict keys, follow timm's `mambaout.py`: a state dict 
 models loads into these unchanged, and the reverse. Inside the network tensors are channels-last
 `[B, H, W, C]`; images come in and intermediate features go out as `[B, C, H, W]`.
 """
+
 import os
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import timm
 import torch
-from torch import nn
-from torch.utils.checkpoint import checkpoint
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm, LayerScale, get_act_layer, is_exportable, is_scriptable, trunc_normal_
 from timm.models import build_model_with_cfg
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .fused_gated_conv import fused_gated_conv_weights, supports_fused_activation
 from .mixers import TOKEN_MIXERS, DepthwiseConvMixer, MixerLayer, mixer_arguments, mixer_layer, stage_mixers
@@ -26,32 +27,32 @@ from .registry import register_model
 from .weights import load_pretrained
 
 __all__ = [
-    'MambaOut',
-    'Stem',
-    'Downsample',
-    'DepthwiseConvMixer',
-    'GatedCNNBlock',
-    'MambaOutStage',
-    'MlpHead',
+    "MambaOut",
+    "Stem",
+    "Downsample",
+    "DepthwiseConvMixer",
+    "GatedCNNBlock",
+    "MambaOutStage",
+    "MlpHead",
 ]
 
-LayerType = Union[str, Callable[..., nn.Module]]
+LayerType = str | Callable[..., nn.Module]
 
 
-def _cfg(**overrides: Any) -> Dict[str, Any]:
+def _cfg(**overrides: Any) -> dict[str, Any]:
     """Pre-processing and head facts for a variant (the ImageNet-1k set-up of the reference weights)."""
     return {
-        'num_classes': 1000,
-        'input_size': (3, 224, 224),
-        'test_input_size': (3, 288, 288),
-        'pool_size': (7, 7),
-        'crop_pct': 1.0,
-        'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN,
-        'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv1',
-        'classifier': 'head.fc',
-        'license': 'apache-2.0',
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "test_input_size": (3, 288, 288),
+        "pool_size": (7, 7),
+        "crop_pct": 1.0,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.conv1",
+        "classifier": "head.fc",
+        "license": "apache-2.0",
         **overrides,
     }
 
@@ -60,12 +61,12 @@ class Stem(nn.Module):
     """Two stride-2 3x3 convs (stride 4 in all): NCHW image in, NHWC features out."""
 
     def __init__(
-            self,
-            in_chans: int = 3,
-            out_chs: int = 96,
-            mid_norm: bool = True,
-            act_layer: Type[nn.Module] = nn.GELU,
-            norm_layer: Type[nn.Module] = LayerNorm,
+        self,
+        in_chans: int = 3,
+        out_chs: int = 96,
+        mid_norm: bool = True,
+        act_layer: type[nn.Module] = nn.GELU,
+        norm_layer: type[nn.Module] = LayerNorm,
     ):
         super().__init__()
         mid_chs = out_chs // 2
@@ -93,11 +94,11 @@ class Downsample(nn.Module):
     """
 
     def __init__(
-            self,
-            in_chs: int,
-            out_chs: int,
-            norm_first: bool = False,
-            norm_layer: Type[nn.Module] = LayerNorm,
+        self,
+        in_chs: int,
+        out_chs: int,
+        norm_first: bool = False,
+        norm_layer: type[nn.Module] = LayerNorm,
     ):
         super().__init__()
         self.norm_first = norm_first
@@ -134,25 +135,25 @@ class GatedCNNBlock(nn.Module):
     """
 
     def __init__(
-            self,
-            dim: int,
-            expansion_ratio: float = 8 / 3,
-            kernel_size: int = 7,
-            conv_ratio: float = 1.0,
-            ls_init_value: Optional[float] = None,
-            norm_layer: Type[nn.Module] = LayerNorm,
-            act_layer: Type[nn.Module] = nn.GELU,
-            drop_path: float = 0.,
-            token_mixer: MixerLayer = 'gated_conv',
-            fused: bool = True,
+        self,
+        dim: int,
+        expansion_ratio: float = 8 / 3,
+        kernel_size: int = 7,
+        conv_ratio: float = 1.0,
+        ls_init_value: float | None = None,
+        norm_layer: type[nn.Module] = LayerNorm,
+        act_layer: type[nn.Module] = nn.GELU,
+        drop_path: float = 0.0,
+        token_mixer: MixerLayer = "gated_conv",
+        fused: bool = True,
     ):
         super().__init__()
         hidden = int(expansion_ratio * dim)
         conv_chs = int(conv_ratio * dim)
         if not 0 < conv_chs <= hidden:
             raise ValueError(
-                f'conv_ratio={conv_ratio} gives {conv_chs} conv channels; it must be in (0, {hidden}] '
-                f'for dim={dim} and expansion_ratio={expansion_ratio}.'
+                f"conv_ratio={conv_ratio} gives {conv_chs} conv channels; it must be in (0, {hidden}] "
+                f"for dim={dim} and expansion_ratio={expansion_ratio}."
             )
         self.split_sizes = (hidden, hidden - conv_chs, conv_chs)
         self.norm = norm_layer(dim)
@@ -161,7 +162,7 @@ class GatedCNNBlock(nn.Module):
         self.conv = mixer_layer(token_mixer, kernel_size=kernel_size)(conv_chs)
         self.fc2 = nn.Linear(hidden, dim)
         self.ls = LayerScale(dim, init_values=ls_init_value) if ls_init_value is not None else nn.Identity()
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.fused_activation = None
         fusable = fused and not is_scriptable() and not is_exportable()
         if fusable and type(self.conv) is DepthwiseConvMixer and not self.conv.causal:
@@ -170,8 +171,17 @@ class GatedCNNBlock(nn.Module):
     @torch.jit.unused
     def _fused_mix(self, x: torch.Tensor, activation: str) -> torch.Tensor:
         return fused_gated_conv_weights(
-            x, self.fc1.weight, self.fc1.bias, self.conv.weight, self.conv.bias, self.fc2.weight, self.fc2.bias,
-            self.split_sizes[0], self.conv.padding[0], activation)
+            x,
+            self.fc1.weight,
+            self.fc1.bias,
+            self.conv.weight,
+            self.conv.bias,
+            self.fc2.weight,
+            self.fc2.bias,
+            self.split_sizes[0],
+            self.conv.padding[0],
+            activation,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -192,51 +202,53 @@ class MambaOutStage(nn.Module):
     """
 
     def __init__(
-            self,
-            dim: int,
-            dim_out: Optional[int] = None,
-            depth: int = 4,
-            expansion_ratio: float = 8 / 3,
-            kernel_size: int = 7,
-            conv_ratio: float = 1.0,
-            downsample: str = '',
-            ls_init_value: Optional[float] = None,
-            norm_layer: Type[nn.Module] = LayerNorm,
-            act_layer: Type[nn.Module] = nn.GELU,
-            drop_path: Union[float, Sequence[float]] = 0.,
-            token_mixer: MixerLayer = 'gated_conv',
-            fused: bool = True,
+        self,
+        dim: int,
+        dim_out: int | None = None,
+        depth: int = 4,
+        expansion_ratio: float = 8 / 3,
+        kernel_size: int = 7,
+        conv_ratio: float = 1.0,
+        downsample: str = "",
+        ls_init_value: float | None = None,
+        norm_layer: type[nn.Module] = LayerNorm,
+        act_layer: type[nn.Module] = nn.GELU,
+        drop_path: float | Sequence[float] = 0.0,
+        token_mixer: MixerLayer = "gated_conv",
+        fused: bool = True,
     ):
         super().__init__()
         dim_out = dim_out or dim
         self.grad_checkpointing = False
-        if downsample in ('conv', 'conv_nf'):
-            self.downsample = Downsample(dim, dim_out, norm_first=downsample == 'conv_nf', norm_layer=norm_layer)
-        elif downsample == '':
+        if downsample in ("conv", "conv_nf"):
+            self.downsample = Downsample(dim, dim_out, norm_first=downsample == "conv_nf", norm_layer=norm_layer)
+        elif downsample == "":
             if dim != dim_out:
-                raise ValueError(f'A stage without downsampling keeps its width, got dim={dim}, dim_out={dim_out}.')
+                raise ValueError(f"A stage without downsampling keeps its width, got dim={dim}, dim_out={dim_out}.")
             self.downsample = nn.Identity()
         else:
             raise ValueError(f"Unknown downsample '{downsample}', expected 'conv', 'conv_nf' or ''.")
 
         drop_path_rates = list(drop_path) if isinstance(drop_path, Sequence) else [drop_path] * depth
         if len(drop_path_rates) != depth:
-            raise ValueError(f'Got {len(drop_path_rates)} drop path rates for {depth} blocks.')
-        self.blocks = nn.Sequential(*[
-            GatedCNNBlock(
-                dim=dim_out,
-                expansion_ratio=expansion_ratio,
-                kernel_size=kernel_size,
-                conv_ratio=conv_ratio,
-                ls_init_value=ls_init_value,
-                norm_layer=norm_layer,
-                act_layer=act_layer,
-                drop_path=rate,
-                token_mixer=token_mixer,
-                fused=fused,
-            )
-            for rate in drop_path_rates
-        ])
+            raise ValueError(f"Got {len(drop_path_rates)} drop path rates for {depth} blocks.")
+        self.blocks = nn.Sequential(
+            *[
+                GatedCNNBlock(
+                    dim=dim_out,
+                    expansion_ratio=expansion_ratio,
+                    kernel_size=kernel_size,
+                    conv_ratio=conv_ratio,
+                    ls_init_value=ls_init_value,
+                    norm_layer=norm_layer,
+                    act_layer=act_layer,
+                    drop_path=rate,
+                    token_mixer=token_mixer,
+                    fused=fused,
+                )
+                for rate in drop_path_rates
+            ]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -256,24 +268,24 @@ class MlpHead(nn.Module):
     """
 
     def __init__(
-            self,
-            in_features: int,
-            num_classes: int = 1000,
-            hidden_size: Optional[int] = None,
-            hidden_norm: bool = True,
-            pool_type: str = 'avg',
-            norm_layer: Type[nn.Module] = LayerNorm,
-            act_layer: Type[nn.Module] = nn.GELU,
-            drop_rate: float = 0.,
+        self,
+        in_features: int,
+        num_classes: int = 1000,
+        hidden_size: int | None = None,
+        hidden_norm: bool = True,
+        pool_type: str = "avg",
+        norm_layer: type[nn.Module] = LayerNorm,
+        act_layer: type[nn.Module] = nn.GELU,
+        drop_rate: float = 0.0,
     ):
         super().__init__()
         self.pool_type = self._check_pool_type(pool_type)
         self.in_features = in_features
         self.norm = norm_layer(in_features)
         if hidden_size:
-            layers = [('fc', nn.Linear(in_features, hidden_size)), ('act', act_layer())]
+            layers = [("fc", nn.Linear(in_features, hidden_size)), ("act", act_layer())]
             if hidden_norm:
-                layers.append(('norm', norm_layer(hidden_size)))
+                layers.append(("norm", norm_layer(hidden_size)))
             self.pre_logits = nn.Sequential(OrderedDict(layers))
             self.num_features = hidden_size
         else:
@@ -284,7 +296,7 @@ class MlpHead(nn.Module):
 
     @staticmethod
     def _check_pool_type(pool_type: str) -> str:
-        if pool_type not in ('', 'avg', 'max', 'avgmax'):
+        if pool_type not in ("", "avg", "max", "avgmax"):
             raise ValueError(f"Unknown global_pool '{pool_type}', expected 'avg', 'max', 'avgmax' or '' (none).")
         return pool_type
 
@@ -292,16 +304,16 @@ class MlpHead(nn.Module):
         if num_classes <= 0:
             return nn.Identity()
         fc = nn.Linear(self.num_features, num_classes)
-        trunc_normal_(fc.weight, std=.02)
+        trunc_normal_(fc.weight, std=0.02)
         nn.init.zeros_(fc.bias)
         return fc
 
     def reset(
-            self,
-            num_classes: int,
-            pool_type: Optional[str] = None,
-            reset_other: bool = False,
-            in_features: Optional[int] = None,
+        self,
+        num_classes: int,
+        pool_type: str | None = None,
+        reset_other: bool = False,
+        in_features: int | None = None,
     ) -> None:
         """Replace the final classifier (freshly initialised) and optionally the pooling.
 
@@ -317,8 +329,10 @@ class MlpHead(nn.Module):
             self.num_features = self.in_features
         if in_features is not None and in_features != self.in_features:
             if not isinstance(self.norm, nn.Identity):
-                raise ValueError(f'The head input width can change ({self.in_features} -> {in_features}) only with '
-                                 'reset_other=True, which removes the norm sized for it.')
+                raise ValueError(
+                    f"The head input width can change ({self.in_features} -> {in_features}) only with "
+                    "reset_other=True, which removes the norm sized for it."
+                )
             self.in_features = in_features
             if isinstance(self.pre_logits, nn.Identity):
                 self.num_features = in_features
@@ -328,11 +342,11 @@ class MlpHead(nn.Module):
         self.fc = fc.train(self.training)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.pool_type == 'avg':
+        if self.pool_type == "avg":
             x = x.mean(dim=(1, 2))
-        elif self.pool_type == 'max':
+        elif self.pool_type == "max":
             x = x.amax(dim=(1, 2))
-        elif self.pool_type == 'avgmax':
+        elif self.pool_type == "avgmax":
             x = 0.5 * (x.mean(dim=(1, 2)) + x.amax(dim=(1, 2)))
         x = self.pre_logits(self.norm(x))
         x = self.head_dropout(x)
@@ -385,69 +399,71 @@ class MambaOut(nn.Module):
     """
 
     def __init__(
-            self,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            global_pool: str = 'avg',
-            depths: Sequence[int] = (3, 3, 9, 3),
-            dims: Sequence[int] = (96, 192, 384, 576),
-            norm_layer: Type[nn.Module] = LayerNorm,
-            act_layer: LayerType = nn.GELU,
-            conv_ratio: float = 1.0,
-            expansion_ratio: float = 8 / 3,
-            kernel_size: int = 7,
-            stem_mid_norm: bool = True,
-            ls_init_value: Optional[float] = None,
-            downsample: str = 'conv',
-            drop_path_rate: float = 0.,
-            drop_rate: float = 0.,
-            head_fn: str = 'default',
-            head_hidden_size: Optional[int] = None,
-            head_act_layer: LayerType = nn.GELU,
-            token_mixer: Union[MixerLayer, Sequence[MixerLayer]] = 'gated_conv',
-            mixer_args: Optional[Dict[str, Any]] = None,
-            fused_blocks: bool = True,
-            **kwargs: Any,
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        depths: Sequence[int] = (3, 3, 9, 3),
+        dims: Sequence[int] = (96, 192, 384, 576),
+        norm_layer: type[nn.Module] = LayerNorm,
+        act_layer: LayerType = nn.GELU,
+        conv_ratio: float = 1.0,
+        expansion_ratio: float = 8 / 3,
+        kernel_size: int = 7,
+        stem_mid_norm: bool = True,
+        ls_init_value: float | None = None,
+        downsample: str = "conv",
+        drop_path_rate: float = 0.0,
+        drop_rate: float = 0.0,
+        head_fn: str = "default",
+        head_hidden_size: int | None = None,
+        head_act_layer: LayerType = nn.GELU,
+        token_mixer: MixerLayer | Sequence[MixerLayer] = "gated_conv",
+        mixer_args: dict[str, Any] | None = None,
+        fused_blocks: bool = True,
+        **kwargs: Any,
     ):
         super().__init__()
         depths, dims = tuple(depths), tuple(dims)
         if len(depths) != len(dims):
-            raise ValueError(f'depths {depths} and dims {dims} must have one entry per stage.')
-        if head_fn not in ('default', 'norm_mlp'):
+            raise ValueError(f"depths {depths} and dims {dims} must have one entry per stage.")
+        if head_fn not in ("default", "norm_mlp"):
             raise ValueError(f"Unknown head_fn '{head_fn}', expected 'default' or 'norm_mlp'.")
         mixers = stage_mixers(len(depths), token_mixer, _mixer_kwargs(mixer_args, kwargs))
         act_layer = get_act_layer(act_layer)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
-        self.output_fmt = 'NHWC'
+        self.output_fmt = "NHWC"
         self.pretrained_cfg = self.default_cfg = _cfg()
 
         self.stem = Stem(in_chans, dims[0], mid_norm=stem_mid_norm, act_layer=act_layer, norm_layer=norm_layer)
 
-        drop_path_rates = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').split(depths)
+        drop_path_rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(depths)
         self.stages = nn.Sequential()
         self.feature_info = []
         prev_dim, reduction = dims[0], 4
         for i, (depth, dim) in enumerate(zip(depths, dims)):
             if i > 0:
                 reduction *= 2
-            self.stages.append(MambaOutStage(
-                dim=prev_dim,
-                dim_out=dim,
-                depth=depth,
-                downsample=downsample if i > 0 else '',
-                expansion_ratio=expansion_ratio,
-                kernel_size=kernel_size,
-                conv_ratio=conv_ratio,
-                ls_init_value=ls_init_value,
-                norm_layer=norm_layer,
-                act_layer=act_layer,
-                drop_path=drop_path_rates[i].tolist(),
-                token_mixer=mixers[i],
-                fused=fused_blocks,
-            ))
-            self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f'stages.{i}'))
+            self.stages.append(
+                MambaOutStage(
+                    dim=prev_dim,
+                    dim_out=dim,
+                    depth=depth,
+                    downsample=downsample if i > 0 else "",
+                    expansion_ratio=expansion_ratio,
+                    kernel_size=kernel_size,
+                    conv_ratio=conv_ratio,
+                    ls_init_value=ls_init_value,
+                    norm_layer=norm_layer,
+                    act_layer=act_layer,
+                    drop_path=drop_path_rates[i].tolist(),
+                    token_mixer=mixers[i],
+                    fused=fused_blocks,
+                )
+            )
+            self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"stages.{i}"))
             prev_dim = dim
         self.num_features = prev_dim
 
@@ -455,7 +471,7 @@ class MambaOut(nn.Module):
             prev_dim,
             num_classes,
             hidden_size=4 * prev_dim if head_hidden_size is None else head_hidden_size,
-            hidden_norm=head_fn == 'default',
+            hidden_norm=head_fn == "default",
             pool_type=global_pool,
             norm_layer=norm_layer,
             act_layer=get_act_layer(head_act_layer),
@@ -468,23 +484,23 @@ class MambaOut(nn.Module):
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Conv2d, nn.Linear)):
-            trunc_normal_(module.weight, std=.02)
+            trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def no_weight_decay(self) -> Set[str]:
+    def no_weight_decay(self) -> set[str]:
         """Names of parameters kept out of weight decay beyond norms and biases (the SSM's `A_log`)."""
-        return {name for name, _ in self.named_parameters() if name.rpartition('.')[2] == 'A_log'}
+        return {name for name, _ in self.named_parameters() if name.rpartition(".")[2] == "A_log"}
 
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter-name patterns ordering the layers from input to output (for layer-wise lr decay)."""
         if coarse:
-            return dict(stem=r'^stem', blocks=r'^stages\.(\d+)')
+            return dict(stem=r"^stem", blocks=r"^stages\.(\d+)")
         return dict(
-            stem=r'^stem',
+            stem=r"^stem",
             blocks=[
-                (r'^stages\.(\d+)\.downsample', (0,)),  # grouped with the first block of its stage
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r"^stages\.(\d+)\.downsample", (0,)),  # grouped with the first block of its stage
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
             ],
         )
 
@@ -496,7 +512,7 @@ class MambaOut(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None, reset_other: bool = False) -> None:
         """Replace the final classifier with a freshly initialised one of `num_classes` outputs.
 
         `reset_other=True` also drops the head's norm and hidden layer (as timm's), leaving pooling
@@ -507,14 +523,14 @@ class MambaOut(nn.Module):
         self.head_hidden_size = self.head.num_features
 
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, Sequence[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Stage outputs for dense prediction.
 
         Args:
@@ -527,41 +543,41 @@ class MambaOut(nn.Module):
         Returns:
             The intermediates, or `(final NHWC features, intermediates)`.
         """
-        if output_fmt not in ('NCHW', 'NHWC'):
+        if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got '{output_fmt}'.")
         take_indices = self._stage_indices(indices)
         last_index = max(take_indices) if stop_early or intermediates_only else len(self.stages) - 1
 
         intermediates = []
         x = self.stem(x)
-        for i, stage in enumerate(self.stages[:last_index + 1]):
+        for i, stage in enumerate(self.stages[: last_index + 1]):
             x = stage(x)
             if i in take_indices:
-                intermediates.append(x.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else x)
+                intermediates.append(x.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else x)
 
         if intermediates_only:
             return intermediates
         return x, intermediates
 
-    def _stage_indices(self, indices: Optional[Union[int, Sequence[int]]]) -> List[int]:
+    def _stage_indices(self, indices: int | Sequence[int] | None) -> list[int]:
         num_stages = len(self.stages)
         if indices is None:
             return list(range(num_stages))
         if isinstance(indices, int):
             if not 0 < indices <= num_stages:
-                raise ValueError(f'Cannot take the last {indices} of {num_stages} stages.')
+                raise ValueError(f"Cannot take the last {indices} of {num_stages} stages.")
             return list(range(num_stages - indices, num_stages))
         resolved = [i + num_stages if i < 0 else i for i in indices]
         if not all(0 <= i < num_stages for i in resolved):
-            raise ValueError(f'Stage indices {list(indices)} out of range for {num_stages} stages.')
+            raise ValueError(f"Stage indices {list(indices)} out of range for {num_stages} stages.")
         return resolved
 
     def prune_intermediate_layers(
-            self,
-            indices: Union[int, Sequence[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
+        self,
+        indices: int | Sequence[int] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
         """Drop the stages after the last of `indices`, and the head; returns the kept stage indices.
 
         The head is reduced to a pass-through (unless `prune_head=False` and all stages are kept);
@@ -573,9 +589,9 @@ class MambaOut(nn.Module):
         prune_end = num_kept < len(self.stages)
         self.stages = self.stages[:num_kept]
         if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[num_kept - 1]['num_chs']
+            self.num_features = self.head_hidden_size = self.feature_info[num_kept - 1]["num_chs"]
         if prune_head or prune_end:
-            self.reset_classifier(0, '', reset_other=True)
+            self.reset_classifier(0, "", reset_other=True)
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -589,29 +605,30 @@ class MambaOut(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _mixer_kwargs(mixer_args: Optional[Dict[str, Any]], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+def _mixer_kwargs(mixer_args: dict[str, Any] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
     """`mixer_args` and the mixer arguments given by name, refusing unknown and repeated keys."""
     known = {name for mixer in TOKEN_MIXERS for name in mixer_arguments(mixer)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise TypeError(
             f"MambaOut got unexpected keyword argument {', '.join(repr(k) for k in unknown)}; besides its own "
-            f"arguments it takes the token mixers' ({', '.join(sorted(known))}).")
+            f"arguments it takes the token mixers' ({', '.join(sorted(known))})."
+        )
     repeated = sorted(set(kwargs) & set(mixer_args or {}))
     if repeated:
         raise ValueError(f"{', '.join(repeated)} given both by name and inside mixer_args: give each once.")
     return {**(mixer_args or {}), **kwargs}
 
 
-PretrainedArg = Optional[Union[str, os.PathLike]]
-PretrainedCfgArg = Optional[Union[str, Dict[str, Any]]]
+PretrainedArg = str | os.PathLike | None
+PretrainedCfgArg = str | dict[str, Any] | None
 
 
 def _create_mambaout(
-        variant: str,
-        pretrained: Union[PretrainedArg, bool] = None,
-        pretrained_cfg: PretrainedCfgArg = None,
-        **kwargs: Any,
+    variant: str,
+    pretrained: PretrainedArg | bool = None,
+    pretrained_cfg: PretrainedCfgArg = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """Build a variant with timm's model builder: its pretrained cfg, defaults and feature wrappers.
 
@@ -621,15 +638,17 @@ def _create_mambaout(
     before a `features_only=True` model is wrapped, as timm loads its weights.
     """
     if isinstance(pretrained_cfg, str):
-        tags = [name.split('.', 1)[1] for name in timm.list_pretrained(f'{variant}.*')]
+        tags = [name.split(".", 1)[1] for name in timm.list_pretrained(f"{variant}.*")]
         if pretrained_cfg not in tags:
             raise ValueError(
                 f"Unknown pretrained tag '{pretrained_cfg}' for {variant}; its tags are {', '.join(tags)} "
-                f"(name a model as '{variant}.<tag>').")
+                f"(name a model as '{variant}.<tag>')."
+            )
     if pretrained is True or not isinstance(pretrained, (str, os.PathLike, type(None), bool)):
         raise ValueError(
-            f'pretrained must be the path of a checkpoint file or export folder, `hf-hub:user/repo` or None, '
-            f'got {pretrained!r}.')
+            f"pretrained must be the path of a checkpoint file or export folder, `hf-hub:user/repo` or None, "
+            f"got {pretrained!r}."
+        )
 
     def build(**model_args: Any) -> MambaOut:
         model = MambaOut(**model_args)
@@ -649,124 +668,133 @@ def _create_mambaout(
 
 # The paper's models.
 
+
 @register_model
 def mambaout_femto(
-        pretrained: PretrainedArg = None,
-        pretrained_cfg: PretrainedCfgArg = None,
-        **kwargs: Any,
+    pretrained: PretrainedArg = None,
+    pretrained_cfg: PretrainedCfgArg = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """MambaOut-Femto, 7.3M params."""
     args = dict(depths=(3, 3, 9, 3), dims=(48, 96, 192, 288))
-    return _create_mambaout('mambaout_femto', pretrained, pretrained_cfg, **dict(args, **kwargs))
+    return _create_mambaout("mambaout_femto", pretrained, pretrained_cfg, **dict(args, **kwargs))
 
 
 @register_model
 def mambaout_kobe(
-        pretrained: PretrainedArg = None,
-        pretrained_cfg: PretrainedCfgArg = None,
-        **kwargs: Any,
+    pretrained: PretrainedArg = None,
+    pretrained_cfg: PretrainedCfgArg = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """MambaOut-Kobe (24 blocks, in memory of Kobe Bryant), 9.1M params."""
     args = dict(depths=(3, 3, 15, 3), dims=(48, 96, 192, 288))
-    return _create_mambaout('mambaout_kobe', pretrained, pretrained_cfg, **dict(args, **kwargs))
+    return _create_mambaout("mambaout_kobe", pretrained, pretrained_cfg, **dict(args, **kwargs))
 
 
 @register_model
 def mambaout_tiny(
-        pretrained: PretrainedArg = None,
-        pretrained_cfg: PretrainedCfgArg = None,
-        **kwargs: Any,
+    pretrained: PretrainedArg = None,
+    pretrained_cfg: PretrainedCfgArg = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """MambaOut-Tiny, 26.5M params."""
     args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 576))
-    return _create_mambaout('mambaout_tiny', pretrained, pretrained_cfg, **dict(args, **kwargs))
+    return _create_mambaout("mambaout_tiny", pretrained, pretrained_cfg, **dict(args, **kwargs))
 
 
 @register_model
 def mambaout_small(
-        pretrained: PretrainedArg = None,
-        pretrained_cfg: PretrainedCfgArg = None,
-        **kwargs: Any,
+    pretrained: PretrainedArg = None,
+    pretrained_cfg: PretrainedCfgArg = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """MambaOut-Small, 48.5M params."""
     args = dict(depths=(3, 4, 27, 3), dims=(96, 192, 384, 576))
-    return _create_mambaout('mambaout_small', pretrained, pretrained_cfg, **dict(args, **kwargs))
+    return _create_mambaout("mambaout_small", pretrained, pretrained_cfg, **dict(args, **kwargs))
 
 
 @register_model
 def mambaout_base(
-        pretrained: PretrainedArg = None,
-        pretrained_cfg: PretrainedCfgArg = None,
-        **kwargs: Any,
+    pretrained: PretrainedArg = None,
+    pretrained_cfg: PretrainedCfgArg = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """MambaOut-Base, 84.8M params."""
     args = dict(depths=(3, 4, 27, 3), dims=(128, 256, 512, 768))
-    return _create_mambaout('mambaout_base', pretrained, pretrained_cfg, **dict(args, **kwargs))
+    return _create_mambaout("mambaout_base", pretrained, pretrained_cfg, **dict(args, **kwargs))
 
 
 # timm's variants: layer scale, norm-first downsampling, no stem mid-norm, 'norm_mlp' head.
 
 # timm declares ls_init_value=1e-6 for these, but its block builds `LayerScale(dim)`, which starts at
 # LayerScale's default 1e-5; 1e-5 here gives the same initial model as timm's.
-_RW_ARGS = dict(stem_mid_norm=False, downsample='conv_nf', ls_init_value=1e-5, head_fn='norm_mlp')
+_RW_ARGS = dict(stem_mid_norm=False, downsample="conv_nf", ls_init_value=1e-5, head_fn="norm_mlp")
 
 
 @register_model
 def mambaout_small_rw(
-        pretrained: PretrainedArg = None,
-        pretrained_cfg: PretrainedCfgArg = None,
-        **kwargs: Any,
+    pretrained: PretrainedArg = None,
+    pretrained_cfg: PretrainedCfgArg = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """MambaOut-Small, timm's training variant."""
     args = dict(depths=(3, 4, 27, 3), dims=(96, 192, 384, 576), **_RW_ARGS)
-    return _create_mambaout('mambaout_small_rw', pretrained, pretrained_cfg, **dict(args, **kwargs))
+    return _create_mambaout("mambaout_small_rw", pretrained, pretrained_cfg, **dict(args, **kwargs))
 
 
 @register_model
 def mambaout_base_short_rw(
-        pretrained: PretrainedArg = None,
-        pretrained_cfg: PretrainedCfgArg = None,
-        **kwargs: Any,
+    pretrained: PretrainedArg = None,
+    pretrained_cfg: PretrainedCfgArg = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """MambaOut-Base with fewer, wider blocks (timm)."""
-    args = dict(
-        depths=(3, 3, 25, 3), dims=(128, 256, 512, 768), expansion_ratio=3.0, conv_ratio=1.25, **_RW_ARGS)
-    return _create_mambaout('mambaout_base_short_rw', pretrained, pretrained_cfg, **dict(args, **kwargs))
+    args = dict(depths=(3, 3, 25, 3), dims=(128, 256, 512, 768), expansion_ratio=3.0, conv_ratio=1.25, **_RW_ARGS)
+    return _create_mambaout("mambaout_base_short_rw", pretrained, pretrained_cfg, **dict(args, **kwargs))
 
 
 @register_model
 def mambaout_base_tall_rw(
-        pretrained: PretrainedArg = None,
-        pretrained_cfg: PretrainedCfgArg = None,
-        **kwargs: Any,
+    pretrained: PretrainedArg = None,
+    pretrained_cfg: PretrainedCfgArg = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """MambaOut-Base with more, narrower blocks (timm)."""
-    args = dict(
-        depths=(3, 4, 30, 3), dims=(128, 256, 512, 768), expansion_ratio=2.5, conv_ratio=1.25, **_RW_ARGS)
-    return _create_mambaout('mambaout_base_tall_rw', pretrained, pretrained_cfg, **dict(args, **kwargs))
+    args = dict(depths=(3, 4, 30, 3), dims=(128, 256, 512, 768), expansion_ratio=2.5, conv_ratio=1.25, **_RW_ARGS)
+    return _create_mambaout("mambaout_base_tall_rw", pretrained, pretrained_cfg, **dict(args, **kwargs))
 
 
 @register_model
 def mambaout_base_wide_rw(
-        pretrained: PretrainedArg = None,
-        pretrained_cfg: PretrainedCfgArg = None,
-        **kwargs: Any,
+    pretrained: PretrainedArg = None,
+    pretrained_cfg: PretrainedCfgArg = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """MambaOut-Base with wider blocks and SiLU (timm)."""
     args = dict(
-        depths=(3, 4, 27, 3), dims=(128, 256, 512, 768), expansion_ratio=3.0, conv_ratio=1.5,
-        act_layer='silu', **_RW_ARGS)
-    return _create_mambaout('mambaout_base_wide_rw', pretrained, pretrained_cfg, **dict(args, **kwargs))
+        depths=(3, 4, 27, 3),
+        dims=(128, 256, 512, 768),
+        expansion_ratio=3.0,
+        conv_ratio=1.5,
+        act_layer="silu",
+        **_RW_ARGS,
+    )
+    return _create_mambaout("mambaout_base_wide_rw", pretrained, pretrained_cfg, **dict(args, **kwargs))
 
 
 @register_model
 def mambaout_base_plus_rw(
-        pretrained: PretrainedArg = None,
-        pretrained_cfg: PretrainedCfgArg = None,
-        **kwargs: Any,
+    pretrained: PretrainedArg = None,
+    pretrained_cfg: PretrainedCfgArg = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """MambaOut-Base with more, wider blocks and SiLU (timm)."""
     args = dict(
-        depths=(3, 4, 30, 3), dims=(128, 256, 512, 768), expansion_ratio=3.0, conv_ratio=1.5,
-        act_layer='silu', **_RW_ARGS)
-    return _create_mambaout('mambaout_base_plus_rw', pretrained, pretrained_cfg, **dict(args, **kwargs))
+        depths=(3, 4, 30, 3),
+        dims=(128, 256, 512, 768),
+        expansion_ratio=3.0,
+        conv_ratio=1.5,
+        act_layer="silu",
+        **_RW_ARGS,
+    )
+    return _create_mambaout("mambaout_base_plus_rw", pretrained, pretrained_cfg, **dict(args, **kwargs))

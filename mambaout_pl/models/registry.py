@@ -6,6 +6,7 @@ inside `untrusted_source(...)`: then only registered models, timm models, `nn.Mo
 `mambaout_pl` and the paths user code allowed with `allow_import_path` resolve, and nothing else is
 imported.
 """
+
 import contextlib
 import difflib
 import fnmatch
@@ -70,7 +71,9 @@ def register_model(factory: ModelFactory) -> ModelFactory: ...
 
 
 @overload
-def register_model(factory: str | None = None, *, name: str | None = None) -> Callable[[ModelFactory], ModelFactory]: ...
+def register_model(
+    factory: str | None = None, *, name: str | None = None
+) -> Callable[[ModelFactory], ModelFactory]: ...
 
 
 def register_model(factory=None, *, name=None):
@@ -89,8 +92,11 @@ def register_model(factory=None, *, name=None):
         model_name = name or fn.__name__
         previous = _MODELS.get(model_name)
         if previous is not None and previous is not fn:
-            warnings.warn(f"Model '{model_name}' was already registered ({_qualified_name(previous)}); "
-                          f"replacing it with {_qualified_name(fn)}.", stacklevel=3)
+            warnings.warn(
+                f"Model '{model_name}' was already registered ({_qualified_name(previous)}); "
+                f"replacing it with {_qualified_name(fn)}.",
+                stacklevel=3,
+            )
         _MODELS[model_name] = fn
         return fn
 
@@ -127,7 +133,9 @@ def allow_import_path(*paths: str) -> None:
     (`my_pkg.nets`, whose classes of the expected base are then allowed). Call it from your own code."""
     for path in paths:
         if not isinstance(path, str) or not path or path.startswith(".") or ":" in path:
-            raise ValueError(f"allow_import_path expects a dotted import path such as 'my_pkg.nets.MyNet', got {path!r}.")
+            raise ValueError(
+                f"allow_import_path expects a dotted import path such as 'my_pkg.nets.MyNet', got {path!r}."
+            )
         _ALLOWED_PATHS.add(path)
 
 
@@ -184,9 +192,9 @@ def resolve_model(name: str) -> ResolvedModel:
 
 
 def create_model(
-        name: str,
-        pretrained: str | os.PathLike | None = None,
-        **kwargs: Any,
+    name: str,
+    pretrained: str | os.PathLike | None = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """Build a model by name (see `resolve_model`), then load `pretrained` weights if given: a checkpoint
     file, an export folder, or a Hub repo `hf-hub:user/repo[@revision]` (see `load_pretrained`).
@@ -223,7 +231,8 @@ def from_pretrained(source: str | os.PathLike) -> nn.Module:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(
-            f"No config.json in '{folder}': give a folder written by `mambaout export` (or its Hub repo).")
+            f"No config.json in '{folder}': give a folder written by `mambaout export` (or its Hub repo)."
+        )
     config = json.loads(config_file.read_text())
     label = f"'{config_file}'" + (f" (of {source})" if str(source).startswith(HF_HUB_PREFIX) else "")
     if "architecture" in config:
@@ -255,7 +264,9 @@ def _resolve_untrusted(name: str, base_name: str, source: str) -> ResolvedModel:
     if name in _ALLOWED_PATHS:
         factory = _import_factory(name)
         if factory is None:
-            raise UnknownModelError(f"No module '{name.rpartition('.')[0]}' can be imported for '{name}' (named by {source}).")
+            raise UnknownModelError(
+                f"No module '{name.rpartition('.')[0]}' can be imported for '{name}' (named by {source})."
+            )
         return ResolvedModel("import_path", factory)
     factory = _import_attribute(name)
     if factory is not None and any(factory is registered for registered in _MODELS.values()):

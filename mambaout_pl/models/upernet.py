@@ -6,20 +6,21 @@ bias, Kaiming-normal initialised), bilinear resizing with `align_corners=False`,
 1x1 classifier initialised with N(0, 0.01). Use Lightning's `sync_batchnorm` under DDP, as
 mmsegmentation uses SyncBN.
 """
-from typing import List, Sequence
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['ConvNormAct', 'PyramidPooling', 'UperNetHead', 'FCNHead']
+__all__ = ["ConvNormAct", "PyramidPooling", "UperNetHead", "FCNHead"]
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Bilinear resize of NCHW maps to `size` (align_corners=False); a no-op when already that size."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=tuple(size), mode='bilinear', align_corners=False)
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 class ConvNormAct(nn.Sequential):
@@ -30,7 +31,7 @@ class ConvNormAct(nn.Sequential):
         self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, padding=kernel_size // 2, bias=False)
         self.norm = nn.BatchNorm2d(out_chs)
         self.act = nn.ReLU(inplace=True)
-        nn.init.kaiming_normal_(self.conv.weight, mode='fan_out', nonlinearity='relu')
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
 
 
 def make_classifier(in_chs: int, num_classes: int) -> nn.Conv2d:
@@ -46,11 +47,11 @@ class PyramidPooling(nn.Module):
 
     def __init__(self, in_chs: int, channels: int, scales: Sequence[int] = (1, 2, 3, 6)):
         super().__init__()
-        self.stages = nn.ModuleList([
-            nn.Sequential(nn.AdaptiveAvgPool2d(scale), ConvNormAct(in_chs, channels, 1)) for scale in scales
-        ])
+        self.stages = nn.ModuleList(
+            [nn.Sequential(nn.AdaptiveAvgPool2d(scale), ConvNormAct(in_chs, channels, 1)) for scale in scales]
+        )
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [x] + [resize(stage(x), x.shape[-2:]) for stage in self.stages]
 
 
@@ -68,12 +69,12 @@ class UperNetHead(nn.Module):
     """
 
     def __init__(
-            self,
-            in_channels: Sequence[int],
-            num_classes: int,
-            channels: int = 512,
-            pool_scales: Sequence[int] = (1, 2, 3, 6),
-            dropout: float = 0.1,
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        channels: int = 512,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        dropout: float = 0.1,
     ):
         super().__init__()
         in_channels = list(in_channels)
@@ -109,7 +110,9 @@ class FCNHead(nn.Module):
 
     def __init__(self, in_chs: int, num_classes: int, channels: int = 256, num_convs: int = 1, dropout: float = 0.1):
         super().__init__()
-        self.convs = nn.Sequential(*[ConvNormAct(in_chs if i == 0 else channels, channels, 3) for i in range(num_convs)])
+        self.convs = nn.Sequential(
+            *[ConvNormAct(in_chs if i == 0 else channels, channels, 3) for i in range(num_convs)]
+        )
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = make_classifier(channels if num_convs else in_chs, num_classes)
 

@@ -3,6 +3,7 @@
 Files are read without running pickled code: torch files with `torch.load(weights_only=True)`,
 `.safetensors` files with `safetensors.torch.load_file`.
 """
+
 import argparse
 import logging
 import os
@@ -11,7 +12,6 @@ import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -19,40 +19,41 @@ from torch import nn
 from mambaout_pl.errors import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError
 
 __all__ = [
-    'CheckpointError',
-    'UnsafeCheckpointError',
-    'CheckpointMismatchError',
-    'read_state_dict',
-    'convert_official_state_dict',
-    'load_pretrained',
-    'download_pretrained',
-    'HF_HUB_PREFIX',
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "CheckpointMismatchError",
+    "read_state_dict",
+    "convert_official_state_dict",
+    "load_pretrained",
+    "download_pretrained",
+    "HF_HUB_PREFIX",
 ]
 
 _logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 # Entries of a training checkpoint that may hold the model's state dict, in order of preference.
-_STATE_DICT_ENTRIES = ('state_dict', 'model', 'module')
+_STATE_DICT_ENTRIES = ("state_dict", "model", "module")
 # File names looked for when a directory is given (a Hub snapshot or `save_for_hf` folder).
-_DIRECTORY_FILES = ('model.safetensors', 'pytorch_model.bin')
+_DIRECTORY_FILES = ("model.safetensors", "pytorch_model.bin")
 _MAX_LISTED = 5
-HF_HUB_PREFIX = 'hf-hub:'
+HF_HUB_PREFIX = "hf-hub:"
 
 
-def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
+def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     """Read the state dict from a `.pth`/`.pt`/`.bin`/`.ckpt`/`.safetensors` file (or a folder holding one).
 
     A state dict found under 'state_dict', 'model' or 'module' of a training checkpoint is taken
     from there.
     """
     path = _resolve_file(path)
-    if path.suffix == '.safetensors':
+    if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
+
         try:
-            checkpoint = load_file(str(path), device='cpu')
+            checkpoint = load_file(str(path), device="cpu")
         except SafetensorError as e:
             raise CheckpointError(f"Cannot read '{path}' as a safetensors file: {e}") from e
     else:
@@ -60,7 +61,7 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     return _unwrap_state_dict(checkpoint, path)
 
 
-def convert_official_state_dict(state_dict: Mapping) -> Dict[str, torch.Tensor]:
+def convert_official_state_dict(state_dict: Mapping) -> dict[str, torch.Tensor]:
     """Rename the keys of the official MambaOut release (`yuweihao/MambaOut`) to ours (timm's).
 
     `downsample_layers.0.*` is the stem, `downsample_layers.N.*` the downsampling of stage N,
@@ -68,19 +69,19 @@ def convert_official_state_dict(state_dict: Mapping) -> Dict[str, torch.Tensor]:
     become `head.norm`, `head.pre_logits.fc/norm` and `head.fc`.
     """
     head_renames = (
-        ('norm.', 'head.norm.'),
-        ('head.fc1.', 'head.pre_logits.fc.'),
-        ('head.norm.', 'head.pre_logits.norm.'),
-        ('head.fc2.', 'head.fc.'),
+        ("norm.", "head.norm."),
+        ("head.fc1.", "head.pre_logits.fc."),
+        ("head.norm.", "head.pre_logits.norm."),
+        ("head.fc2.", "head.fc."),
     )
     converted = {}
     for key, value in state_dict.items():
-        key = re.sub(r'^downsample_layers\.0\.', 'stem.', key)
-        key = re.sub(r'^downsample_layers\.(\d+)\.', r'stages.\1.downsample.', key)
-        key = re.sub(r'^stages\.(\d+)\.(\d+)\.', r'stages.\1.blocks.\2.', key)
+        key = re.sub(r"^downsample_layers\.0\.", "stem.", key)
+        key = re.sub(r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample.", key)
+        key = re.sub(r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.", key)
         for old, new in head_renames:
             if key.startswith(old):
-                key = new + key[len(old):]
+                key = new + key[len(old) :]
                 break
         converted[key] = value
     return converted
@@ -116,13 +117,15 @@ def load_pretrained(model: nn.Module, path: PathLike, strict: bool = True) -> nn
     model_classes = _num_classes(model_state, [k for k in classifier_keys if k in model_state])
     keep_model_classifier = file_classes != model_classes
     if keep_model_classifier:
-        message = (f"'{path}' holds {_classifier_phrase(file_classes, 'no classifier')} and the model "
-                   f"{_classifier_phrase(model_classes, 'none')}")
+        message = (
+            f"'{path}' holds {_classifier_phrase(file_classes, 'no classifier')} and the model "
+            f"{_classifier_phrase(model_classes, 'none')}"
+        )
         if model_classes:
-            message += ': the model keeps its own, freshly initialised classifier'
+            message += ": the model keeps its own, freshly initialised classifier"
         if file_classifier_keys:
             message += f"; skipped {', '.join(file_classifier_keys)}"
-        warnings.warn(message + '.', stacklevel=2)
+        warnings.warn(message + ".", stacklevel=2)
         state_dict = {k: v for k, v in state_dict.items() if k not in file_classifier_keys}
     expected_missing = set(classifier_keys) if keep_model_classifier else set()
 
@@ -130,23 +133,24 @@ def load_pretrained(model: nn.Module, path: PathLike, strict: bool = True) -> nn
     unexpected = [k for k in state_dict if k not in model_state]
     mismatched = [
         (k, tuple(v.shape), tuple(model_state[k].shape))
-        for k, v in state_dict.items() if k in model_state and v.shape != model_state[k].shape
+        for k, v in state_dict.items()
+        if k in model_state and v.shape != model_state[k].shape
     ]
     not_float = [
-        f'{k} ({v.dtype})' for k, v in state_dict.items()
+        f"{k} ({v.dtype})"
+        for k, v in state_dict.items()
         if k in model_state and model_state[k].is_floating_point() and not v.is_floating_point()
     ]
     if not_float:
         raise CheckpointMismatchError(
             f"'{path}' holds integer or boolean tensors for floating-point parameters: {_listing(not_float)}. "
-            'Loading would cast them to float and give wrong weights; the file was probably written from the wrong '
-            'tensors. Re-export the weights as floating point.'
+            "Loading would cast them to float and give wrong weights; the file was probably written from the wrong "
+            "tensors. Re-export the weights as floating point."
         )
     if strict and (missing or unexpected or mismatched):
         raise CheckpointMismatchError(_mismatch_message(path, model, missing, unexpected, mismatched))
     if missing or unexpected or mismatched:
-        warnings.warn(
-            f"Loaded '{path}' partially: {_mismatch_summary(missing, unexpected, mismatched)}.", stacklevel=2)
+        warnings.warn(f"Loaded '{path}' partially: {_mismatch_summary(missing, unexpected, mismatched)}.", stacklevel=2)
         skip = set(unexpected) | {k for k, _, _ in mismatched}
         state_dict = {k: v for k, v in state_dict.items() if k not in skip}
 
@@ -162,9 +166,10 @@ def download_pretrained(source: str) -> Path:
     """
     from huggingface_hub import snapshot_download
 
-    repo_id, _, revision = source[len(HF_HUB_PREFIX):].partition('@')
-    return Path(snapshot_download(
-        repo_id, revision=revision or None, allow_patterns=['*.safetensors', '*.json', '*.md']))
+    repo_id, _, revision = source[len(HF_HUB_PREFIX) :].partition("@")
+    return Path(
+        snapshot_download(repo_id, revision=revision or None, allow_patterns=["*.safetensors", "*.json", "*.md"])
+    )
 
 
 def _resolve_file(path: PathLike) -> Path:
@@ -175,8 +180,7 @@ def _resolve_file(path: PathLike) -> Path:
         for name in _DIRECTORY_FILES:
             if (path / name).is_file():
                 return path / name
-        raise FileNotFoundError(
-            f"No checkpoint in folder '{path}': expected one of {', '.join(_DIRECTORY_FILES)}.")
+        raise FileNotFoundError(f"No checkpoint in folder '{path}': expected one of {', '.join(_DIRECTORY_FILES)}.")
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint file not found: '{path}'.")
     return path
@@ -184,38 +188,38 @@ def _resolve_file(path: PathLike) -> Path:
 
 def _torch_load(path: Path) -> object:
     # argparse.Namespace (the `args` entry of timm training checkpoints) holds only attributes.
-    allow_namespace = getattr(torch.serialization, 'safe_globals', None)
+    allow_namespace = getattr(torch.serialization, "safe_globals", None)
     try:
         if allow_namespace is None:
-            return torch.load(path, map_location='cpu', weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
         with allow_namespace([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        refused = re.search(r'GLOBAL ([\w.]+)', str(e))
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
         if refused:
             raise UnsafeCheckpointError(
                 f"Refusing to load '{path}': it holds a pickled Python object ({refused.group(1)}), and "
-                'unpickling it could run arbitrary code; torch.load(weights_only=True) loads only tensors and '
-                'plain containers. If you trust the file, re-save its weights alone: '
+                "unpickling it could run arbitrary code; torch.load(weights_only=True) loads only tensors and "
+                "plain containers. If you trust the file, re-save its weights alone: "
                 "torch.save(torch.load(path, weights_only=False)['model'], new_path), or as safetensors."
             ) from e
-        reason = re.search(r'WeightsUnpickler error:\s*(.+?)\n', str(e))
+        reason = re.search(r"WeightsUnpickler error:\s*(.+?)\n", str(e))
         raise CheckpointError(
             f"Cannot read '{path}' as a PyTorch checkpoint ({reason.group(1) if reason else e}): "
-            'is it a file written by torch.save, and complete?'
+            "is it a file written by torch.save, and complete?"
         ) from e
     except Exception as e:
         raise CheckpointError(f"Cannot read '{path}' as a PyTorch checkpoint: {e}") from e
 
 
-def _unwrap_state_dict(checkpoint: object, path: Path) -> Dict[str, torch.Tensor]:
+def _unwrap_state_dict(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(checkpoint, Mapping):
         for entry in _STATE_DICT_ENTRIES:
             if isinstance(checkpoint.get(entry), Mapping):
                 checkpoint = checkpoint[entry]
                 break
     if not isinstance(checkpoint, Mapping) or not checkpoint:
-        found = type(checkpoint).__name__ if not isinstance(checkpoint, Mapping) else 'an empty mapping'
+        found = type(checkpoint).__name__ if not isinstance(checkpoint, Mapping) else "an empty mapping"
         raise CheckpointError(
             f"'{path}' does not hold a state dict: expected a mapping of parameter names to tensors "
             f"(optionally under one of {', '.join(repr(e) for e in _STATE_DICT_ENTRIES)}), found {found}."
@@ -224,28 +228,28 @@ def _unwrap_state_dict(checkpoint: object, path: Path) -> Dict[str, torch.Tensor
     if not_tensors:
         raise CheckpointError(
             f"'{path}' does not hold a state dict: {len(not_tensors)} of its {len(checkpoint)} entries are not "
-            f'tensors, e.g. {_listing([repr(k) for k in not_tensors])}. Expected a mapping of parameter names '
+            f"tensors, e.g. {_listing([repr(k) for k in not_tensors])}. Expected a mapping of parameter names "
             f"to tensors, optionally under one of {', '.join(repr(e) for e in _STATE_DICT_ENTRIES)}."
         )
     return dict(checkpoint)
 
 
 def _match_key_names(
-        state_dict: Dict[str, torch.Tensor],
-        model_state: Mapping,
-) -> Dict[str, torch.Tensor]:
+    state_dict: dict[str, torch.Tensor],
+    model_state: Mapping,
+) -> dict[str, torch.Tensor]:
     """Rename official-release keys and remove prefixes that wrappers add (`module.`, `_orig_mod.`, ...)."""
-    if any(key.startswith('downsample_layers.') for key in state_dict):
+    if any(key.startswith("downsample_layers.") for key in state_dict):
         state_dict = convert_official_state_dict(state_dict)
     while True:
-        first_parts = {key.split('.', 1)[0] for key in state_dict}
-        if len(first_parts) != 1 or any('.' not in key for key in state_dict):
+        first_parts = {key.split(".", 1)[0] for key in state_dict}
+        if len(first_parts) != 1 or any("." not in key for key in state_dict):
             return state_dict
-        prefix = first_parts.pop() + '.'
+        prefix = first_parts.pop() + "."
         if any(key.startswith(prefix) for key in model_state):
             return state_dict
-        stripped = {key[len(prefix):]: value for key, value in state_dict.items()}
-        if any(key.startswith('downsample_layers.') for key in stripped):
+        stripped = {key[len(prefix) :]: value for key, value in state_dict.items()}
+        if any(key.startswith("downsample_layers.") for key in stripped):
             stripped = convert_official_state_dict(stripped)
         if not stripped.keys() & model_state.keys():
             return state_dict
@@ -253,18 +257,18 @@ def _match_key_names(
 
 
 def _adapt_input_convs(
-        model: nn.Module,
-        state_dict: Dict[str, torch.Tensor],
-        model_state: Mapping,
-        path: Path,
-) -> Dict[str, torch.Tensor]:
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    model_state: Mapping,
+    path: Path,
+) -> dict[str, torch.Tensor]:
     """The state dict with its first conv weights adapted to the model's input channels."""
     from timm.models import adapt_input_conv
 
-    first_conv = (getattr(model, 'pretrained_cfg', None) or {}).get('first_conv') or ()
+    first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv") or ()
     adapted = dict(state_dict)
     for name in (first_conv,) if isinstance(first_conv, str) else first_conv:
-        key = f'{name}.weight'
+        key = f"{name}.weight"
         if key not in state_dict or key not in model_state:
             continue
         weight, target = state_dict[key], model_state[key]
@@ -277,64 +281,64 @@ def _adapt_input_convs(
     return adapted
 
 
-def _classifier_keys(model: nn.Module, state_dict: Mapping, model_state: Mapping) -> List[str]:
+def _classifier_keys(model: nn.Module, state_dict: Mapping, model_state: Mapping) -> list[str]:
     """Keys of the final classifier, in the model and in the file."""
-    prefix: Optional[str] = None
-    get_classifier = getattr(model, 'get_classifier', None)
+    prefix: str | None = None
+    get_classifier = getattr(model, "get_classifier", None)
     if callable(get_classifier):
         classifier = get_classifier()
         prefix = next((name for name, module in model.named_modules() if module is classifier and name), None)
     if prefix is None:
-        cfg = getattr(model, 'pretrained_cfg', None) or {}
-        prefix = cfg.get('classifier') if isinstance(cfg.get('classifier'), str) else None
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        prefix = cfg.get("classifier") if isinstance(cfg.get("classifier"), str) else None
     if prefix is None:
         return []
-    prefix += '.'
+    prefix += "."
     keys = [k for k in model_state if k.startswith(prefix)]
     keys += [k for k in state_dict if k.startswith(prefix) and k not in model_state]
     return keys
 
 
 def _classifier_phrase(num_classes: int, absent: str) -> str:
-    return f'a {num_classes}-class classifier' if num_classes else absent
+    return f"a {num_classes}-class classifier" if num_classes else absent
 
 
-def _num_classes(state_dict: Mapping, classifier_keys: List[str]) -> int:
+def _num_classes(state_dict: Mapping, classifier_keys: list[str]) -> int:
     """Output count of the classifier stored under `classifier_keys` (0 if there is none)."""
     return max((state_dict[k].shape[0] for k in classifier_keys if state_dict[k].ndim > 0), default=0)
 
 
 def _mismatch_summary(
-        missing: List[str],
-        unexpected: List[str],
-        mismatched: List[Tuple[str, tuple, tuple]],
+    missing: list[str],
+    unexpected: list[str],
+    mismatched: list[tuple[str, tuple, tuple]],
 ) -> str:
     parts = []
     if missing:
-        parts.append(f'{len(missing)} model keys missing from the file ({_listing(missing)})')
+        parts.append(f"{len(missing)} model keys missing from the file ({_listing(missing)})")
     if unexpected:
-        parts.append(f'{len(unexpected)} unexpected keys in the file ({_listing(unexpected)})')
+        parts.append(f"{len(unexpected)} unexpected keys in the file ({_listing(unexpected)})")
     if mismatched:
-        shapes = [f'{k}: file {list(f)} vs model {list(m)}' for k, f, m in mismatched]
-        parts.append(f'{len(mismatched)} tensors with a different shape ({_listing(shapes)})')
-    return '; '.join(parts)
+        shapes = [f"{k}: file {list(f)} vs model {list(m)}" for k, f, m in mismatched]
+        parts.append(f"{len(mismatched)} tensors with a different shape ({_listing(shapes)})")
+    return "; ".join(parts)
 
 
 def _mismatch_message(
-        path: Path,
-        model: nn.Module,
-        missing: List[str],
-        unexpected: List[str],
-        mismatched: List[Tuple[str, tuple, tuple]],
+    path: Path,
+    model: nn.Module,
+    missing: list[str],
+    unexpected: list[str],
+    mismatched: list[tuple[str, tuple, tuple]],
 ) -> str:
     return (
         f"Checkpoint '{path}' does not fit {type(model).__name__}: "
-        f'{_mismatch_summary(missing, unexpected, mismatched)}. '
-        'Build the model the checkpoint was trained as (same variant and arguments such as depths, dims, '
-        'in_chans), or pass strict=False to load only the tensors that fit.'
+        f"{_mismatch_summary(missing, unexpected, mismatched)}. "
+        "Build the model the checkpoint was trained as (same variant and arguments such as depths, dims, "
+        "in_chans), or pass strict=False to load only the tensors that fit."
     )
 
 
-def _listing(items: List[str]) -> str:
-    shown = ', '.join(items[:_MAX_LISTED])
-    return shown + (f', ... (+{len(items) - _MAX_LISTED} more)' if len(items) > _MAX_LISTED else '')
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    return shown + (f", ... (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")

@@ -295,7 +295,9 @@ class SegmentationTask(BaseTask):
         )
         names = self.hparams.label_names or [str(index) for index in range(self.hparams.num_classes)]
         per_class = {
-            f"{stage}/IoU/{name}": iou.float() for name, iou in zip(names, scores["IoU"], strict=True) if not torch.isnan(iou)
+            f"{stage}/IoU/{name}": iou.float()
+            for name, iou in zip(names, scores["IoU"], strict=True)
+            if not torch.isnan(iou)
         }
         if per_class:
             self.log_dict(per_class)

@@ -41,7 +41,9 @@ def read_checkpoint(
     is not a training checkpoint; every message names the file.
     """
     if "://" not in str(path) and not get_filesystem(path).exists(path):
-        raise FileNotFoundError(f"Checkpoint file '{path}' does not exist; give the path of a .ckpt file written by `fit`.")
+        raise FileNotFoundError(
+            f"Checkpoint file '{path}' does not exist; give the path of a .ckpt file written by `fit`."
+        )
     try:
         checkpoint = pl_load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as error:
@@ -85,7 +87,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         map_location: Callable | None = lambda storage, loc: storage,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
-        return read_checkpoint(path, map_location=map_location, weights_only=True if weights_only is None else weights_only)
+        return read_checkpoint(
+            path, map_location=map_location, weights_only=True if weights_only is None else weights_only
+        )
 
 
 class ModelCheckpoint(LightningModelCheckpoint):
@@ -100,7 +104,9 @@ class ModelCheckpoint(LightningModelCheckpoint):
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
             link = Path(linkpath)
             if link.is_dir() and not link.is_symlink():
-                raise CheckpointError(f"'{linkpath}' is a folder; remove it so that the latest checkpoint can be linked there.")
+                raise CheckpointError(
+                    f"'{linkpath}' is a folder; remove it so that the latest checkpoint can be linked there."
+                )
             try:
                 atomic_symlink(Path(filepath), link)
             except OSError:  # no symbolic links (e.g. Windows without the privilege): an atomic copy
@@ -122,7 +128,9 @@ def last_checkpoint_folders(trainer: Trainer) -> list[Path]:
             folders.add(Path(callback.dirpath))
         elif trainer.loggers:
             logger = trainer.loggers[0]
-            folders.add(Path(logger.save_dir or trainer.default_root_dir) / str(logger.name or "") / "*" / "checkpoints")
+            folders.add(
+                Path(logger.save_dir or trainer.default_root_dir) / str(logger.name or "") / "*" / "checkpoints"
+            )
         else:
             folders.add(Path(trainer.default_root_dir) / "checkpoints")
     return sorted(folders)
@@ -145,7 +153,8 @@ def find_last_checkpoint(trainer: Trainer) -> Path | None:
     complete = [path for path in links if path.exists()]
     newest = max(complete, key=lambda path: path.stat().st_mtime_ns) if complete else None
     dangling = [
-        path for path in links
+        path
+        for path in links
         if not path.exists() and (newest is None or path.lstat().st_mtime_ns > newest.stat().st_mtime_ns)
     ]
     if dangling:

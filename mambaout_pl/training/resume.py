@@ -35,11 +35,15 @@ def task_name(task_class: type) -> str:
 def mark_checkpoint(task: LightningModule, checkpoint: dict[str, Any]) -> None:
     """Record mambaout-pl's version, the task class, its last metrics and the generators' states."""
     trainer = task._trainer
-    metrics = {
-        name: float(value)
-        for name, value in trainer.callback_metrics.items()
-        if name.startswith(("val/", "test/")) and value.numel() == 1
-    } if trainer is not None else {}
+    metrics = (
+        {
+            name: float(value)
+            for name, value in trainer.callback_metrics.items()
+            if name.startswith(("val/", "test/")) and value.numel() == 1
+        }
+        if trainer is not None
+        else {}
+    )
     checkpoint[CHECKPOINT_KEY] = {"version": __version__, "task": task_name(type(task)), "metrics": metrics}
     checkpoint[RNG_STATES_KEY] = rng_states()
 

@@ -11,23 +11,24 @@ Every mixer maps channels-last tokens `[B, H, W, C]` to `[B, H, W, C]`:
 factory.py turns a name and its arguments into a layer factory (`MixerSpec`) that the block calls
 with its channel count, and resolves a model's per-stage choice (`stage_mixers`).
 """
+
 from .attention import AttentionMixer
 from .factory import TOKEN_MIXERS, MixerLayer, MixerSpec, create_mixer, mixer_arguments, mixer_layer, stage_mixers
 from .gated_conv import DepthwiseConvMixer
 from .ssm import SCANS, SelectiveScanMixer, selective_scan, selective_scan_fn
 
 __all__ = [
-    'DepthwiseConvMixer',
-    'SelectiveScanMixer',
-    'AttentionMixer',
-    'TOKEN_MIXERS',
-    'SCANS',
-    'MixerLayer',
-    'MixerSpec',
-    'selective_scan',
-    'selective_scan_fn',
-    'create_mixer',
-    'mixer_layer',
-    'mixer_arguments',
-    'stage_mixers',
+    "DepthwiseConvMixer",
+    "SelectiveScanMixer",
+    "AttentionMixer",
+    "TOKEN_MIXERS",
+    "SCANS",
+    "MixerLayer",
+    "MixerSpec",
+    "selective_scan",
+    "selective_scan_fn",
+    "create_mixer",
+    "mixer_layer",
+    "mixer_arguments",
+    "stage_mixers",
 ]

@@ -1,11 +1,10 @@
 """Multi-head self-attention as a token mixer, causal or fully visible, optionally within windows."""
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['AttentionMixer']
+__all__ = ["AttentionMixer"]
 
 
 class AttentionMixer(nn.Module):
@@ -28,27 +27,27 @@ class AttentionMixer(nn.Module):
     """
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: Optional[int] = None,
-            head_dim: int = 32,
-            causal: bool = False,
-            window_size: Optional[int] = None,
-            qkv_bias: bool = False,
-            max_tokens: int = 4096,
+        self,
+        dim: int,
+        num_heads: int | None = None,
+        head_dim: int = 32,
+        causal: bool = False,
+        window_size: int | None = None,
+        qkv_bias: bool = False,
+        max_tokens: int = 4096,
     ):
         super().__init__()
         if num_heads is None:
             if head_dim < 1:
-                raise ValueError(f'head_dim={head_dim} must be positive.')
+                raise ValueError(f"head_dim={head_dim} must be positive.")
             num_heads = max(1, dim // head_dim)
         if num_heads < 1 or dim % num_heads:
             raise ValueError(
-                f'Attention over {dim} channels cannot use num_heads={num_heads}: choose a head count '
-                f'that divides {dim}, or leave num_heads unset to get {dim} // head_dim heads.'
+                f"Attention over {dim} channels cannot use num_heads={num_heads}: choose a head count "
+                f"that divides {dim}, or leave num_heads unset to get {dim} // head_dim heads."
             )
         if window_size is not None and window_size < 1:
-            raise ValueError(f'window_size={window_size} must be a positive number of tokens, or None for no windows.')
+            raise ValueError(f"window_size={window_size} must be a positive number of tokens, or None for no windows.")
         self.num_heads = num_heads
         self.causal = causal
         self.window_size = window_size
@@ -68,8 +67,11 @@ class AttentionMixer(nn.Module):
             pad_h, pad_w = -height % size, -width % size
             grid_h, grid_w = (height + pad_h) // size, (width + pad_w) // size
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-            tokens = (x.view(batch, grid_h, size, grid_w, size, channels)
-                      .permute(0, 1, 3, 2, 4, 5).reshape(batch, grid_h * grid_w, size * size, channels))
+            tokens = (
+                x.view(batch, grid_h, size, grid_w, size, channels)
+                .permute(0, 1, 3, 2, 4, 5)
+                .reshape(batch, grid_h * grid_w, size * size, channels)
+            )
             if pad_h or pad_w:
                 mask = self._window_mask(height, width, size, grid_h, grid_w, x.device)
         windows, length = tokens.shape[1], tokens.shape[2]
@@ -85,12 +87,21 @@ class AttentionMixer(nn.Module):
 
         if size is None:
             return out.view(batch, height, width, channels)
-        out = (out.view(batch, grid_h, grid_w, size, size, channels)
-               .permute(0, 1, 3, 2, 4, 5).reshape(batch, grid_h * size, grid_w * size, channels))
+        out = (
+            out.view(batch, grid_h, grid_w, size, size, channels)
+            .permute(0, 1, 3, 2, 4, 5)
+            .reshape(batch, grid_h * size, grid_w * size, channels)
+        )
         return out[:, :height, :width]
 
     def _window_mask(
-            self, height: int, width: int, size: int, grid_h: int, grid_w: int, device: torch.device,
+        self,
+        height: int,
+        width: int,
+        size: int,
+        grid_h: int,
+        grid_w: int,
+        device: torch.device,
     ) -> torch.Tensor:
         """`[windows, 1, size^2, size^2]`: True where a query may attend a key (real key, causal order)."""
         real = torch.zeros(grid_h * size, grid_w * size, dtype=torch.bool, device=device)
@@ -105,8 +116,8 @@ class AttentionMixer(nn.Module):
         tokens = height * width
         gigabytes = tokens * tokens * 4 / 1e9
         return (
-            f'Attention over a {height}x{width} stage is {tokens} tokens, more than max_tokens={self.max_tokens}: '
-            f'its score matrix alone is {gigabytes:.1f} GB per image and head in float32. Set window_size for '
-            'the large stages (per stage, e.g. window_size=[8, 8, None, None]), use a smaller input, or raise '
+            f"Attention over a {height}x{width} stage is {tokens} tokens, more than max_tokens={self.max_tokens}: "
+            f"its score matrix alone is {gigabytes:.1f} GB per image and head in float32. Set window_size for "
+            "the large stages (per stage, e.g. window_size=[8, 8, None, None]), use a smaller input, or raise "
             'max_tokens (mixer_args={"max_tokens": N}).'
         )

@@ -1,7 +1,9 @@
 """Token mixers by name, as layer factories a Gated CNN block calls with its channel count."""
+
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, Union
+from typing import Any
 
 from torch import nn
 
@@ -26,7 +28,7 @@ TOKEN_MIXERS: dict[str, type[nn.Module]] = {
 }
 
 # A mixer name (a key of TOKEN_MIXERS) or a callable `(dim) -> nn.Module`, like timm's `norm_layer`.
-MixerLayer = Union[str, Callable[..., nn.Module]]
+MixerLayer = str | Callable[..., nn.Module]
 
 _HINTS = {
     "causal": "for 'ssm' the scan sets causality: scan='raster' is causal, 'bidirectional' and 'cross' are not",
@@ -93,9 +95,9 @@ def create_mixer(token_mixer: MixerLayer, dim: int, **kwargs: Any) -> nn.Module:
 
 
 def stage_mixers(
-        num_stages: int,
-        token_mixer: Union[MixerLayer, Sequence[MixerLayer]] = "gated_conv",
-        mixer_args: dict[str, Any] | None = None,
+    num_stages: int,
+    token_mixer: MixerLayer | Sequence[MixerLayer] = "gated_conv",
+    mixer_args: dict[str, Any] | None = None,
 ) -> list[Callable[[int], nn.Module]]:
     """The mixer layer factory of each stage: a `MixerSpec` per named mixer, callables as given.
 
@@ -116,8 +118,10 @@ def stage_mixers(
             continue
         if not takers:
             users = [name for name in TOKEN_MIXERS if key in mixer_arguments(name)]
-            message = (f"{key}={value!r} does not apply to token_mixer {_describe(layers)}: "
-                       f"only {', '.join(repr(u) for u in users) or 'no mixer'} take{'s' if len(users) == 1 else ''} it")
+            message = (
+                f"{key}={value!r} does not apply to token_mixer {_describe(layers)}: "
+                f"only {', '.join(repr(u) for u in users) or 'no mixer'} take{'s' if len(users) == 1 else ''} it"
+            )
             if key in _HINTS:
                 message += f" ({_HINTS[key]})"
             raise ValueError(message + ". Choose a token_mixer that takes it, or leave it unset.")
@@ -131,10 +135,7 @@ def stage_mixers(
                     f"{key}[{index}]={stage_value!r}, but stage {index} uses token_mixer {_describe([layers[index]])}, "
                     f"which takes no {key}: give None for that stage."
                 )
-    return [
-        MixerSpec(layer, args) if isinstance(layer, str) else layer
-        for layer, args in zip(layers, stage_args)
-    ]
+    return [MixerSpec(layer, args) if isinstance(layer, str) else layer for layer, args in zip(layers, stage_args)]
 
 
 def _per_stage(key: str, value: Any, num_stages: int) -> list[Any]:
@@ -156,7 +157,9 @@ def _check_mixer_name(name: Any, where: str = "") -> None:
 
 
 def _describe(layers: list[MixerLayer]) -> str:
-    labels = [layer if isinstance(layer, str) else getattr(layer, "name", None) or _qualified(layer) for layer in layers]
+    labels = [
+        layer if isinstance(layer, str) else getattr(layer, "name", None) or _qualified(layer) for layer in layers
+    ]
     unique = list(dict.fromkeys(labels))
     return repr(unique[0]) if len(unique) == 1 else repr(labels)
 

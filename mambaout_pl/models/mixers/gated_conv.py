@@ -1,9 +1,10 @@
 """MambaOut's token mixer: a depthwise k x k convolution on channels-last tokens, optionally causal."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['DepthwiseConvMixer']
+__all__ = ["DepthwiseConvMixer"]
 
 
 class DepthwiseConvMixer(nn.Conv2d):
@@ -17,16 +18,16 @@ class DepthwiseConvMixer(nn.Conv2d):
 
     def __init__(self, dim: int, kernel_size: int = 7, causal: bool = False):
         if kernel_size % 2 != 1:
-            raise ValueError(f'kernel_size={kernel_size} must be odd so the conv keeps the token grid.')
+            raise ValueError(f"kernel_size={kernel_size} must be odd so the conv keeps the token grid.")
         super().__init__(dim, dim, kernel_size=kernel_size, padding=kernel_size // 2, groups=dim)
         self.causal = causal
         mask = None
         if causal:
             mask = torch.zeros(kernel_size, kernel_size)
-            mask[:kernel_size // 2] = 1
-            mask[kernel_size // 2, :kernel_size // 2 + 1] = 1
+            mask[: kernel_size // 2] = 1
+            mask[kernel_size // 2, : kernel_size // 2 + 1] = 1
             mask = mask.view(1, 1, kernel_size, kernel_size)
-        self.register_buffer('causal_mask', mask, persistent=False)
+        self.register_buffer("causal_mask", mask, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)

@@ -1,6 +1,6 @@
 """Mamba's token mixer: a depthwise conv, then a selective state-space scan (S6) over the tokens in one of `SCANS` orders."""
+
 import math
-from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -13,26 +13,26 @@ try:  # the CUDA kernel of the Mamba authors, used for GPU inputs when installed
 except ImportError:
     selective_scan_fn = None
 
-__all__ = ['SCANS', 'SelectiveScanMixer', 'selective_scan']
+__all__ = ["SCANS", "SelectiveScanMixer", "selective_scan"]
 
 # Token orders of the SSM scans: row-major (raster) or column-major, forwards or reversed.
-SCANS: Dict[str, Tuple[str, ...]] = {
-    'raster': ('row',),  # Mamba: one causal pass
-    'bidirectional': ('row', 'row_reversed'),  # Vision Mamba
-    'cross': ('row', 'column', 'row_reversed', 'column_reversed'),  # VMamba's cross scan
+SCANS: dict[str, tuple[str, ...]] = {
+    "raster": ("row",),  # Mamba: one causal pass
+    "bidirectional": ("row", "row_reversed"),  # Vision Mamba
+    "cross": ("row", "column", "row_reversed", "column_reversed"),  # VMamba's cross scan
 }
 
 
 def selective_scan(
-        u: torch.Tensor,
-        delta: torch.Tensor,
-        A: torch.Tensor,
-        B: torch.Tensor,
-        C: torch.Tensor,
-        D: Optional[torch.Tensor] = None,
-        delta_bias: Optional[torch.Tensor] = None,
-        delta_softplus: bool = False,
-        chunk_size: Optional[int] = None,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Selective state-space scan (S6) in pure PyTorch; the arguments of `mamba_ssm`'s `selective_scan_fn`.
 
@@ -80,10 +80,10 @@ def selective_scan(
 
 
 def _chunked_scan(
-        log_decay: torch.Tensor,
-        inputs: torch.Tensor,
-        readout: torch.Tensor,
-        chunk_size: int,
+    log_decay: torch.Tensor,
+    inputs: torch.Tensor,
+    readout: torch.Tensor,
+    chunk_size: int,
 ) -> torch.Tensor:
     """`y_t = readout_t . h_t`, `h_t = exp(log_decay_t) * h_{t-1} + inputs_t` along dim -2 (tokens), dim -1 the state.
 
@@ -114,10 +114,10 @@ def _chunked_scan(
 
 
 def _associative_scan(
-        decay: torch.Tensor,
-        inputs: torch.Tensor,
-        dim: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    decay: torch.Tensor,
+    inputs: torch.Tensor,
+    dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inclusive scan of the maps `h -> decay * h + inputs` along `dim`, in log2(size) doubling steps.
 
     Returns the cumulative decays and the states from a zero start.
@@ -157,22 +157,22 @@ class SelectiveScanMixer(nn.Module):
     """
 
     def __init__(
-            self,
-            dim: int,
-            scan: str = 'raster',
-            kernel_size: int = 7,
-            d_state: int = 16,
-            dt_rank: Optional[int] = None,
-            chunk_size: Optional[int] = None,
-            use_kernel: bool = True,
-            dt_min: float = 1e-3,
-            dt_max: float = 1e-1,
+        self,
+        dim: int,
+        scan: str = "raster",
+        kernel_size: int = 7,
+        d_state: int = 16,
+        dt_rank: int | None = None,
+        chunk_size: int | None = None,
+        use_kernel: bool = True,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
     ):
         super().__init__()
         if scan not in SCANS:
             raise ValueError(f"Unknown scan '{scan}', expected one of {', '.join(repr(s) for s in SCANS)}.")
         if d_state < 1 or (chunk_size is not None and chunk_size < 1):
-            raise ValueError(f'd_state={d_state} and chunk_size={chunk_size} must be positive.')
+            raise ValueError(f"d_state={d_state} and chunk_size={chunk_size} must be positive.")
         self.scan = scan
         self.directions = SCANS[scan]
         self.d_state = d_state
@@ -181,7 +181,7 @@ class SelectiveScanMixer(nn.Module):
         self.use_kernel = use_kernel
         num_directions = len(self.directions)
 
-        self.conv = DepthwiseConvMixer(dim, kernel_size=kernel_size, causal=scan == 'raster')
+        self.conv = DepthwiseConvMixer(dim, kernel_size=kernel_size, causal=scan == "raster")
         self.act = nn.SiLU()
         self.x_proj_weight = nn.Parameter(torch.empty(num_directions, self.dt_rank + 2 * d_state, dim))
         self.dt_proj_weight = nn.Parameter(torch.empty(num_directions, dim, self.dt_rank))
@@ -194,13 +194,13 @@ class SelectiveScanMixer(nn.Module):
         """Mamba's initialisation: `A = -(1..N)`, `D = 1`, step sizes log-uniform in [dt_min, dt_max]."""
         dim = self.x_proj_weight.shape[-1]
         with torch.no_grad():
-            nn.init.uniform_(self.x_proj_weight, -dim ** -0.5, dim ** -0.5)
-            nn.init.uniform_(self.dt_proj_weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+            nn.init.uniform_(self.x_proj_weight, -(dim**-0.5), dim**-0.5)
+            nn.init.uniform_(self.dt_proj_weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
             dt = torch.exp(torch.rand_like(self.dt_bias) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
             dt = dt.clamp(min=1e-4)
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
             self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand_as(self.A_log))
-            self.D.fill_(1.)
+            self.D.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, channels = x.shape
@@ -208,15 +208,18 @@ class SelectiveScanMixer(nn.Module):
         x = self.act(self.conv(x))
         rows = x.permute(0, 3, 1, 2).reshape(batch, channels, length)
         columns = x.permute(0, 3, 2, 1).reshape(batch, channels, length)
-        orders = {'row': rows, 'column': columns}
-        xs = torch.stack([
-            orders[d.replace('_reversed', '')].flip(-1) if d.endswith('_reversed') else orders[d]
-            for d in self.directions
-        ], dim=1)  # [batch, directions, channels, length]
+        orders = {"row": rows, "column": columns}
+        xs = torch.stack(
+            [
+                orders[d.replace("_reversed", "")].flip(-1) if d.endswith("_reversed") else orders[d]
+                for d in self.directions
+            ],
+            dim=1,
+        )  # [batch, directions, channels, length]
 
-        projected = torch.einsum('bkcl,krc->bkrl', xs, self.x_proj_weight)
+        projected = torch.einsum("bkcl,krc->bkrl", xs, self.x_proj_weight)
         dts, Bs, Cs = torch.split(projected, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum('bkrl,kcr->bkcl', dts, self.dt_proj_weight)
+        dts = torch.einsum("bkrl,kcr->bkcl", dts, self.dt_proj_weight)
         scan_args = (
             xs.reshape(batch, -1, length),
             dts.reshape(batch, -1, length),
@@ -233,8 +236,8 @@ class SelectiveScanMixer(nn.Module):
 
         out = 0
         for k, direction in enumerate(self.directions):
-            seq = y[:, k].flip(-1) if direction.endswith('_reversed') else y[:, k]
-            if direction.startswith('column'):
+            seq = y[:, k].flip(-1) if direction.endswith("_reversed") else y[:, k]
+            if direction.startswith("column"):
                 out = out + seq.view(batch, channels, width, height).transpose(-1, -2)
             else:
                 out = out + seq.view(batch, channels, height, width)
