@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.connector import _convert_precision_to_unified_args
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
@@ -84,6 +85,7 @@ class MambaOutCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         trainer = super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
         check_output_folders(trainer, self.model)
+        record_precision(self.config.get(str(self.subcommand), self.config), trainer)
         return trainer
 
     def _parse_ckpt_path(self) -> None:
@@ -160,6 +162,18 @@ def check_output_folders(trainer: Trainer, model: Any) -> None:
                 "under its root folder. Give a folder inside it, or set --trainer.default_root_dir to a folder "
                 "that contains it."
             )
+
+
+def record_precision(config: Any, trainer: Trainer) -> None:
+    """Write the precision ``trainer`` runs at into the parsed ``config`` that the run saves as ``config.yaml``.
+
+    Lightning runs ``16-mixed`` on CPU as ``bf16-mixed`` (with a warning); the saved config says so,
+    so that repeating the run from it gives the same numbers.
+    """
+    trainer_config = config.get("trainer")
+    requested = trainer_config.get("precision") if trainer_config is not None else None
+    if requested is not None and _convert_precision_to_unified_args(requested) != trainer.precision:
+        trainer_config["precision"] = trainer.precision
 
 
 def run_cli(args: ArgsType = None) -> MambaOutCLI:
