@@ -226,6 +226,14 @@ def test_signal_to_the_whole_process_group_with_dataloader_workers_saves_and_res
     assert (resumed.trainer.current_epoch, resumed.trainer.global_step) == (2, 2 * BATCHES_PER_EPOCH)
 
 
+def test_signal_during_the_sanity_check_saves_before_the_first_step_and_exits_143(images, tmp_path) -> None:
+    returncode, output = preempt(tmp_path, images, signal.SIGTERM, "sanity", 0, 0, group=True, extra_args=WORKERS)
+    assert returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Stopped by SIGTERM at epoch 0, global step 0" in output
+    saved = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == (0, 0)
+
+
 def test_two_process_ddp_run_signalled_as_a_group_stops_every_rank_at_the_same_batch(images, tmp_path) -> None:
     # 24 training images on 2 ranks in batches of 4: 3 batches per rank and epoch.
     ddp = ("--trainer.devices=2", "--trainer.strategy=ddp", *WORKERS)
