@@ -110,12 +110,14 @@ def preempt(
     batch: int,
     group: bool = False,
     extra_args: tuple[str, ...] = (),
+    launcher: tuple[str, ...] = (),
 ) -> tuple[int, str]:
     """Run `python -m mambaout_pl fit` until it reaches (stage, epoch, batch), then send ``signum``.
 
     ``group``: to the run's whole process group (workers and other ranks too, as ``timeout``,
     ``kill -- -PGID`` and cluster schedulers do), else to the main process only. Returns once every
-    process of the group has exited.
+    process of the group has exited. ``launcher``: Python arguments that start the run
+    (``-m torch.distributed.run ...``) in place of running it directly.
     """
     marker = root / "reached"
     extra = root / "inject.yaml"
@@ -135,7 +137,7 @@ def preempt(
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(
-        [sys.executable, "-m", "mambaout_pl", *fit_args(root, image_folder), f"--config={extra}", *extra_args],
+        [sys.executable, *launcher, "-m", "mambaout_pl", *fit_args(root, image_folder), f"--config={extra}", *extra_args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -244,3 +246,14 @@ def test_two_process_ddp_run_signalled_as_a_group_stops_every_rank_at_the_same_b
     assert (saved["epoch"], saved["global_step"]) == (1, 5)
     (data_state,) = [state for key, state in saved.items() if key.endswith("DataModule")]
     assert data_state["train_loader"] == {"epoch": 1, "consumed": 2}
+
+
+def test_two_process_torchrun_run_signalled_as_a_group_saves_at_the_same_batch_on_every_rank(images, tmp_path) -> None:
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2")
+    ddp = ("--trainer.devices=2", "--trainer.strategy=ddp", *WORKERS)
+    returncode, output = preempt(tmp_path, images, signal.SIGTERM, "train", 1, 1, group=True, extra_args=ddp, launcher=torchrun)
+    # torchrun forwards the signal to the ranks, waits for them, then reports its own signal as a failure.
+    assert returncode != 0
+    assert "Stopped by SIGTERM at epoch 1, global step 5" in output, output[-3000:]
+    saved = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == (1, 5)
