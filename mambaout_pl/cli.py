@@ -1,8 +1,8 @@
 """The ``mambaout`` command (also installed as ``lightning``): LightningCLI over tasks and data modules.
 
-    mambaout fit --config recipes/quickstart.yaml
-    mambaout validate --config recipes/quickstart.yaml --ckpt_path runs/.../last.ckpt
-    mambaout fit --config recipes/imagenet_mambaout.yaml --print_config
+mambaout fit --config recipes/quickstart.yaml
+mambaout validate --config recipes/quickstart.yaml --ckpt_path runs/.../last.ckpt
+mambaout fit --config recipes/imagenet_mambaout.yaml --print_config
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
+from lightning.fabric.connector import _convert_precision_to_unified_args
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -99,6 +100,7 @@ class MambaOutCLI(LightningCLI):
         check_output_paths(trainer, self.model)
         self._last_checkpoint = self._resolve_last_checkpoint(trainer)
         reserve_log_versions(trainer)
+        record_precision(self.config.get(str(self.subcommand), self.config), trainer)
         return trainer
 
     def _parse_ckpt_path(self) -> None:
@@ -221,6 +223,18 @@ def follow_task_monitor(config: Any) -> None:
         checkpoint["monitor"] = task_class.monitor
     if checkpoint.get("mode") == TASK_DEFAULT:
         checkpoint["mode"] = task_class.mode if checkpoint["monitor"] == task_class.monitor else "min"
+
+
+def record_precision(config: Any, trainer: Trainer) -> None:
+    """Write the precision ``trainer`` runs at into the parsed ``config`` that the run saves as ``config.yaml``.
+
+    Lightning runs ``16-mixed`` on CPU as ``bf16-mixed`` (with a warning); the saved config says so,
+    so that repeating the run from it gives the same numbers.
+    """
+    trainer_config = config.get("trainer")
+    requested = trainer_config.get("precision") if trainer_config is not None else None
+    if requested is not None and _convert_precision_to_unified_args(requested) != trainer.precision:
+        trainer_config["precision"] = trainer.precision
 
 
 def run_cli(args: ArgsType = None) -> MambaOutCLI:

@@ -11,7 +11,7 @@ from mambaout_pl.training import PreemptionCheckpoint
 
 
 class WaitForSignal(Callback):
-    """After batch ``batch`` of ``stage`` ("train" or "validation") in epoch ``epoch``, write ``marker``
+    """After batch ``batch`` of ``stage`` ("train", "validation" or "sanity") in epoch ``epoch``, write ``marker``
     and wait (up to ``timeout`` s) until ``PreemptionCheckpoint`` has received a signal."""
 
     def __init__(self, marker: str, epoch: int, batch: int, stage: str = "train", timeout: float = 120.0) -> None:
@@ -25,8 +25,10 @@ class WaitForSignal(Callback):
         if self.stage == "train":
             self._wait(trainer, batch_idx)
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self.stage == "validation" and not trainer.sanity_checking:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self.stage == ("sanity" if trainer.sanity_checking else "validation"):
             self._wait(trainer, batch_idx)
 
     def _wait(self, trainer: Trainer, batch_idx: int) -> None:

@@ -43,6 +43,7 @@ from mambaout_pl.data.checks import check_columns, check_not_empty
 from mambaout_pl.data.errors import CorruptImageError, DataError, SplitNotFoundError
 from mambaout_pl.data.resumable import EpochShuffleSampler, ResumableDataLoader, SeededSamples, train_loader_state
 from mambaout_pl.data.sources import AnyDataset, get_split, open_dataset, resolve_builtin
+from mambaout_pl.data.workers import init_worker
 
 #: One example (a row of the dataset) and its index -> one sample; raises CorruptImageError when unreadable.
 Decoder = Callable[[dict[str, Any], int], dict[str, Any]]
@@ -349,6 +350,7 @@ class BaseDataModule(LightningDataModule):
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+            worker_init_fn=init_worker,
             collate_fn=self.collate(role),
         )
         if loader_class is EpochReshufflingDataLoader:
@@ -395,6 +397,7 @@ class BaseDataModule(LightningDataModule):
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+            worker_init_fn=init_worker,
             collate_fn=collate_fn,
             resume_state=resume_state,
         )

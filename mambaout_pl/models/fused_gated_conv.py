@@ -12,8 +12,6 @@ Used by `GatedCNNBlock` when its token mixer is the (non-causal) depthwise convo
 activation is GELU or SiLU; any other block runs the plain module code.
 """
 
-from typing import Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
@@ -29,7 +27,7 @@ _ACTIVATIONS = {
 }
 
 
-def supports_fused_activation(act: nn.Module) -> Optional[str]:
+def supports_fused_activation(act: nn.Module) -> str | None:
     """The fused name of `act` ('gelu' or 'silu'), or None when the fused path cannot compute it."""
     if (type(act) is nn.GELU and act.approximate == "none") or type(act) is TimmGELU:
         return "gelu"
@@ -38,11 +36,24 @@ def supports_fused_activation(act: nn.Module) -> Optional[str]:
     return None
 
 
-def _fc1_row_blocks(gate_chs: int, conv_chs: int) -> Tuple[Tuple[int, int], ...]:
+def _fc1_row_blocks(gate_chs: int, conv_chs: int) -> tuple[tuple[int, int], ...]:
     """Rows of `fc1.weight` producing the gate of `i`, the gate of `c`, `i` and `c`."""
     identity_chs = gate_chs - conv_chs
     bounds = (0, identity_chs, gate_chs, gate_chs + identity_chs, 2 * gate_chs)
-    return tuple(zip(bounds[:-1], bounds[1:]))
+    return tuple(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _in_layout_of(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`grad` with the strides of `param`, as DDP's gradient buckets expect them.
+
+    A view when the two layouts place the elements alike and differ only in the stride of a size-1
+    dimension (the depthwise weight's input-channel dimension), else one copy.
+    """
+    if grad.stride() == param.stride():
+        return grad
+    if all(size == 1 or a == b for size, a, b in zip(grad.shape, grad.stride(), param.stride(), strict=True)):
+        return grad.as_strided(grad.shape, param.stride(), grad.storage_offset())
+    return torch.empty_like(param, dtype=grad.dtype).copy_(grad)
 
 
 class _FusedGatedConv(torch.autograd.Function):
@@ -53,7 +64,7 @@ class _FusedGatedConv(torch.autograd.Function):
         fc1_weight: torch.Tensor,
         fc1_bias: torch.Tensor,
         conv_weight: torch.Tensor,
-        conv_bias: Optional[torch.Tensor],
+        conv_bias: torch.Tensor | None,
         fc2_weight: torch.Tensor,
         fc2_bias: torch.Tensor,
         gate_chs: int,
@@ -142,12 +153,13 @@ class _FusedGatedConv(torch.autograd.Function):
             conv_chs,
             [True, True, has_conv_bias],
         )
+        grad_conv_weight = _in_layout_of(grad_conv_weight, conv_weight)
         grad_c = grad_c_image.permute(0, 2, 3, 1).reshape(-1, conv_chs)
 
         grads = (grad_gate_i, grad_gate_c, grad_i, grad_c)
         grad_tokens = None
         grad_fc1_weight = torch.empty_like(fc1_weight)
-        for grad, (start, end) in zip(grads, _fc1_row_blocks(gate_chs, conv_chs)):
+        for grad, (start, end) in zip(grads, _fc1_row_blocks(gate_chs, conv_chs), strict=True):
             weight = fc1_weight[start:end]
             grad_tokens = grad.mm(weight) if grad_tokens is None else grad_tokens.addmm_(grad, weight)
             torch.mm(grad.t(), tokens, out=grad_fc1_weight[start:end])
@@ -180,7 +192,7 @@ def fused_gated_conv_weights(
     fc1_weight: torch.Tensor,
     fc1_bias: torch.Tensor,
     conv_weight: torch.Tensor,
-    conv_bias: Optional[torch.Tensor],
+    conv_bias: torch.Tensor | None,
     fc2_weight: torch.Tensor,
     fc2_bias: torch.Tensor,
     gate_chs: int,

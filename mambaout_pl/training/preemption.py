@@ -25,10 +25,11 @@ class PreemptionCheckpoint(Checkpoint):
 
     The signal is acted on at the next batch boundary or at the end of a validation pass, where
     the saved state (weights, optimizer, scheduler, EMA, loop progress, data order) continues
-    exactly with ``fit --ckpt_path last``. Lightning's own SIGTERM handling is replaced while
-    training runs, because it stops in the middle of validation. With several processes, every
-    rank stops at the same batch (one all-reduce of a flag per batch). A second SIGINT interrupts
-    at once.
+    exactly with ``fit --ckpt_path last``. A signal during the sanity check saves before the first
+    step. Lightning's own SIGTERM handling is replaced from the sanity check to the end of
+    training, because it stops in the middle of validation, and without a checkpoint. With several
+    processes, every rank stops at the same batch (one all-reduce of a flag per batch), whichever
+    ranks received the signal. A second SIGINT interrupts at once.
 
     The checkpoint goes to the folder of the first ``ModelCheckpoint`` that keeps a last
     checkpoint (else the first one, else ``<default_root_dir>/checkpoints``) as ``last.ckpt``.
@@ -49,10 +50,24 @@ class PreemptionCheckpoint(Checkpoint):
 
     # -- signal handling ----------------------------------------------------------------------
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == TrainerFn.FITTING:
+            self.received = None
+
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning registers its SIGTERM handler just before the sanity check: replace it now.
+        self._install_handlers()
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Lightning registers its SIGTERM handler just before training starts: replace it now.
-        self.received = None
-        if threading.current_thread() is not threading.main_thread():
+        self._install_handlers()
+        if trainer.received_sigterm:  # caught by Lightning's handler, before ours was installed
+            self.received = signal.SIGTERM
+            trainer._signal_connector.received_sigterm = False  # else Lightning stops later, without a checkpoint
+        if self.received is not None or trainer.world_size > 1:  # all ranks take part in the decision
+            self._stop_if_requested(trainer)
+
+    def _install_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread() or self._previous_handlers:
             return
         for signum in self.signals:
             self._previous_handlers[signum] = signal.getsignal(signum)
@@ -79,7 +94,9 @@ class PreemptionCheckpoint(Checkpoint):
 
     # -- stopping -----------------------------------------------------------------------------
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._stop_if_requested(trainer)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -113,7 +130,9 @@ class PreemptionCheckpoint(Checkpoint):
     @staticmethod
     def last_checkpoint_path(trainer: Trainer) -> str:
         """Where the ``last`` checkpoint of this run goes (see the class docstring)."""
-        callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, LightningModelCheckpoint) and cb.dirpath]
+        callbacks = [
+            cb for cb in trainer.checkpoint_callbacks if isinstance(cb, LightningModelCheckpoint) and cb.dirpath
+        ]
         keeping_last = [cb for cb in callbacks if cb.save_last]
         chosen = (keeping_last or callbacks or [None])[0]
         folder = Path(chosen.dirpath) if chosen is not None else Path(trainer.default_root_dir) / "checkpoints"
