@@ -142,9 +142,10 @@ def evaluation_case(seed: int = 1) -> tuple[list[dict], list[dict], list[tuple[i
 
 
 def write_coco_ground_truth(
-    path: Path, targets: list[dict], sizes: list[tuple[int, int]], num_classes: int = 3
+    path: Path, targets: list[dict], sizes: list[tuple[int, int]], category_ids: tuple[int, ...] = (1, 2, 3)
 ) -> Path:
-    """The targets as a COCO instances json file (``bbox`` XYWH, RLE ``segmentation``, ``area``, ``iscrowd``)."""
+    """The targets as a COCO instances json file (``bbox`` XYWH, RLE ``segmentation``, ``area``, ``iscrowd``),
+    label ``l`` written as category ``category_ids[l - 1]``."""
     images, annotations = [], []
     for target, (height, width) in zip(targets, sizes, strict=True):
         images.append(
@@ -163,14 +164,14 @@ def write_coco_ground_truth(
                 {
                     "id": len(annotations) + 1,
                     "image_id": target["image_id"],
-                    "category_id": label,
+                    "category_id": category_ids[label - 1],
                     "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
                     "area": area,
                     "iscrowd": crowd,
                     "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
                 }
             )
-    categories = [{"id": index, "name": str(index)} for index in range(1, num_classes + 1)]
+    categories = [{"id": category_id, "name": str(category_id)} for category_id in category_ids]
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     return path
 
