@@ -14,7 +14,7 @@ from torchvision import tv_tensors
 
 from mambaout_pl.data.coco import CocoAnnotationWarning, decode_coco_example, load_coco_split
 from mambaout_pl.data.embedded_detection import materialize_digit_detection, write_digit_detection
-from mambaout_pl.data.sources import DataError, DataNotFoundError, InvalidLabelError
+from mambaout_pl.data.errors import DataError, DataNotFoundError, InvalidLabelError
 
 SIZES = {"a.png": (14, 12), "b.png": (20, 16), "c.png": (10, 10)}  # (width, height)
 
@@ -70,7 +70,7 @@ def write_coco(root: Path, split: str = "val") -> Path:
         compressed_rle(DRAWN[3][3]),
     ]
     annotations = []
-    for index, ((name, category, crowd, mask), segmentation) in enumerate(zip(DRAWN, segmentations), start=1):
+    for index, ((name, category, crowd, mask), segmentation) in enumerate(zip(DRAWN, segmentations, strict=True), start=1):
         x, y, w, h = (float(v) for v in mask_utils.toBbox(mask_utils.encode(np.asfortranarray(mask))))
         annotations.append({
             "id": index, "image_id": image_ids[name], "category_id": category, "bbox": [x, y, w, h],
@@ -101,7 +101,7 @@ def test_reader_round_trips_a_coco_folder(tmp_path):
     assert dataset["image_id"] == [1, 2, 3] and [len(objects) for objects in dataset["objects"]] == [2, 2, 0]
     label_of = {category["id"]: index + 1 for index, category in enumerate(categories)}
 
-    for row, (name, (width, height)) in zip(dataset, SIZES.items()):
+    for row, (name, (width, height)) in zip(dataset, SIZES.items(), strict=True):
         image, target = decode_coco_example(row, label_of, crowd=True)
         assert isinstance(image, tv_tensors.Image) and image.dtype == torch.uint8
         expected_pixels = torch.from_numpy(np.array(Image.open(root / "val" / name))).permute(2, 0, 1)
@@ -114,7 +114,7 @@ def test_reader_round_trips_a_coco_folder(tmp_path):
         assert target["iscrowd"].tolist() == [crowd for _, _, crowd, _ in drawn]
         assert isinstance(target["masks"], tv_tensors.Mask) and target["masks"].dtype == torch.uint8
         assert target["masks"].shape == (len(drawn), height, width)
-        for box, mask, (_, _, _, expected) in zip(target["boxes"], target["masks"], drawn):
+        for box, mask, (_, _, _, expected) in zip(target["boxes"], target["masks"], drawn, strict=True):
             assert np.array_equal(mask.numpy(), expected)
             rows, columns = np.nonzero(expected)
             assert box.tolist() == [columns.min(), rows.min(), columns.max() + 1, rows.max() + 1]
@@ -187,7 +187,7 @@ def test_digit_detection_is_a_coco_folder_of_digits_with_exact_masks(tmp_path):
             image, target = decode_coco_example(row, label_of)
             assert image.shape == (3, 64, 64) and 1 <= len(target["labels"]) <= 3
             assert target["labels"].min() >= 1 and target["labels"].max() <= 10
-            for box, mask, area in zip(target["boxes"], target["masks"], target["area"]):
+            for box, mask, area in zip(target["boxes"], target["masks"], target["area"], strict=True):
                 rows, columns = torch.nonzero(mask, as_tuple=True)
                 assert box.tolist() == [columns.min(), rows.min(), columns.max() + 1, rows.max() + 1]
                 assert mask.sum() == area

@@ -1,4 +1,4 @@
-"""Data: open datasets (Hub, image folder, parquet, ADE20K folder, saved-to-disk, embedded) and batch them."""
+"""Data: open datasets (Hub, image folder, parquet, ADE20K or COCO folder, saved-to-disk, embedded) and batch them."""
 
 from mambaout_pl.data.ade20k import ADE20K_CLASSES, load_ade20k_folder
 from mambaout_pl.data.base import BaseDataModule
@@ -10,6 +10,7 @@ from mambaout_pl.data.batches import (
     SegmentationTrainBatch,
 )
 from mambaout_pl.data.classification import ImageClassificationDataModule
+from mambaout_pl.data.detection import DetectionDataModule
 from mambaout_pl.data.errors import (
     ColumnNotFoundError,
     CorruptImageError,
@@ -27,6 +28,7 @@ __all__ = [
     "BaseDataModule",
     "ImageClassificationDataModule",
     "SegmentationDataModule",
+    "DetectionDataModule",
     "ClassificationBatch",
     "SegmentationTrainBatch",
     "SegmentationEvalBatch",

@@ -59,14 +59,15 @@ class BaseDataModule(LightningDataModule):
 
     Args:
         path: What to open: a Hub id (``"ILSVRC/imagenet-1k"``), a builder (``"imagefolder"``,
-            ``"parquet"``, ``"ade20k"`` for an ADEChallengeData2016-layout folder) with
-            ``data_dir``/``data_files``, a local folder (also one written by ``save_to_disk``), or an
-            embedded dataset (``"builtin:digits"``, ``"builtin:digit_scenes"``, no network). None: the
+            ``"parquet"``, ``"ade20k"`` for an ADEChallengeData2016-layout folder, ``"coco"`` for a
+            COCO folder) with ``data_dir``/``data_files``, a local folder (also one written by
+            ``save_to_disk``), or an embedded dataset (``"builtin:digits"``, ``"builtin:digit_scenes"``,
+            ``"builtin:digit_detection"``, no network). None: the
             data module's embedded quick-start dataset.
         name: Dataset configuration (subset) name, as in ``datasets.load_dataset``.
         data_dir: Folder of the data files, as in ``datasets.load_dataset`` (for ``"imagefolder"``:
             ``<data_dir>/<split>/<class>/*``; for ``"ade20k"``: the folder holding ``images/`` and
-            ``annotations/``).
+            ``annotations/``; for ``"coco"``: the folder holding ``annotations/`` and the split folders).
         data_files: Data files: a path or glob, a list of them, or a dict split -> files.
         revision: Hub dataset revision (branch, tag or commit).
         cache_dir: Cache folder for ``datasets`` and for embedded datasets.

@@ -42,12 +42,18 @@ class SegmentationEvalBatch(TypedDict):
 
 
 class DetectionTarget(TypedDict):
-    """The objects of one image, in the image's pixel coordinates."""
+    """The objects of one image, in the pixel coordinates of the image in the batch.
+
+    Training targets hold no crowd regions; evaluation targets keep them (``iscrowd`` 1), to be
+    ignored by the COCO evaluation, as torchmetrics' ``MeanAveragePrecision`` takes them.
+    """
 
     boxes: torch.Tensor  # float [N, 4], (x1, y1, x2, y2)
-    labels: torch.Tensor  # int64 [N], class indices
+    labels: torch.Tensor  # int64 [N], classes 1..K; 0 is the background class of torchvision's detectors
     masks: NotRequired[torch.Tensor]  # uint8 [N, H, W], one binary mask per object (instance segmentation)
-    image_id: int  # the image's id in its dataset (COCO's image_id), for scoring
+    iscrowd: NotRequired[torch.Tensor]  # int64 [N], 1 for a crowd region (evaluation only)
+    area: NotRequired[torch.Tensor]  # float [N], the object's area in pixels as the data gives it, where it does
+    image_id: int  # the image's id in its dataset (COCO's image_id, else the row), for scoring
 
 
 class DetectionBatch(TypedDict):

@@ -53,7 +53,7 @@ class ImageClassificationDataModule(BaseDataModule):
 
     default_path = "builtin:digits"
     task = "classification"
-    builtin_datasets = frozenset(embedded.BUILTIN_DATASETS) - embedded.SEGMENTATION_DATASETS
+    builtin_datasets = frozenset(embedded.BUILTIN_DATASETS) - embedded.SEGMENTATION_DATASETS - embedded.DETECTION_DATASETS
 
     def __init__(
         self,

@@ -24,36 +24,43 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset, Features, List, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 from datasets import Image as ImageFeature
 from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from mambaout_pl.data.sources import DataError, DataNotFoundError, InvalidLabelError, read_rgb_image
+from mambaout_pl.data.errors import DataError, DataNotFoundError, InvalidLabelError
+from mambaout_pl.data.images import read_rgb_image
 
 __all__ = [
-    "COCO_FEATURES",
     "CocoAnnotationWarning",
+    "coco_features",
+    "coco_splits",
     "decode_coco_example",
     "decode_segmentation",
+    "load_coco_folder",
     "load_coco_split",
 ]
 
-COCO_FEATURES = Features({
-    "image": ImageFeature(decode=False),
-    "image_id": Value("int64"),
-    "width": Value("int32"),
-    "height": Value("int32"),
-    "objects": List({
-        "id": Value("int64"),
-        "bbox": List(Value("float32"), length=4),
-        "category_id": Value("int64"),
-        "area": Value("float32"),
-        "iscrowd": Value("int8"),
-        "segmentation": Value("string"),
-    }),
-})
+
+def coco_features(category_names: list[str]) -> Features:
+    """The columns of `load_coco_split`'s rows; ``objects.category`` is the category's index among ``category_names``."""
+    return Features({
+        "image": ImageFeature(decode=False),
+        "image_id": Value("int64"),
+        "width": Value("int32"),
+        "height": Value("int32"),
+        "objects": List({
+            "id": Value("int64"),
+            "bbox": List(Value("float32"), length=4),
+            "category_id": Value("int64"),
+            "category": ClassLabel(names=category_names),
+            "area": Value("float32"),
+            "iscrowd": Value("int8"),
+            "segmentation": Value("string"),
+        }),
+    })
 
 
 class CocoAnnotationWarning(UserWarning):
@@ -99,6 +106,7 @@ def load_coco_split(
 
     categories = sorted(content["categories"], key=lambda category: category["id"])
     category_ids = {category["id"] for category in categories}
+    index_of = {category["id"]: index for index, category in enumerate(categories)}
     images = {image["id"]: image for image in content["images"]}
     missing = [image["file_name"] for image in images.values() if not (image_root / image["file_name"]).is_file()]
     if missing:
@@ -133,6 +141,7 @@ def load_coco_split(
             "id": int(annotation.get("id", -1)),
             "bbox": [x1, y1, x2 - x1, y2 - y1],
             "category_id": int(annotation["category_id"]),
+            "category": index_of[annotation["category_id"]],
             "area": float(annotation.get("area", w * h)),
             "iscrowd": int(annotation.get("iscrowd", 0)),
             "segmentation": json.dumps(segmentation) if segmentation else "",
@@ -151,7 +160,33 @@ def load_coco_split(
         "height": [image["height"] for image in rows],
         "objects": [objects[image["id"]] for image in rows],
     }
-    return Dataset.from_dict(columns, features=COCO_FEATURES), categories
+    return Dataset.from_dict(columns, features=coco_features(category_names(categories))), categories
+
+
+def category_names(categories: list[dict[str, Any]]) -> list[str]:
+    """The categories' names in order, a repeated name told apart by its id (``"name (id 7)"``)."""
+    names = [str(category.get("name", category["id"])) for category in categories]
+    return [
+        f"{name} (id {category['id']})" if names.count(name) > 1 else name
+        for name, category in zip(names, categories, strict=True)
+    ]
+
+
+def coco_splits(data_dir: str | os.PathLike) -> list[str]:
+    """The split names of a COCO folder: ``<split>`` for each ``annotations/instances_<split>.json``."""
+    folder = Path(data_dir).expanduser() / "annotations"
+    return sorted(path.name[len("instances_"):-len(".json")] for path in folder.glob("instances_*.json"))
+
+
+def load_coco_folder(data_dir: str | os.PathLike) -> DatasetDict:
+    """Every split of a COCO folder (see `coco_splits`), as read by `load_coco_split`."""
+    splits = coco_splits(data_dir)
+    if not splits:
+        folder = Path(data_dir).expanduser()
+        raise DataNotFoundError(
+            f"{str(folder)!r} is not a COCO folder: it has no annotations/instances_<split>.json file. Set `data_dir` "
+            "to the folder holding annotations/instances_train2017.json and train2017/ (and the same for val2017).")
+    return DatasetDict({split: load_coco_split(data_dir, split)[0] for split in splits})
 
 
 def decode_segmentation(segmentation: Any, height: int, width: int, where: str = "") -> np.ndarray:

@@ -7,6 +7,9 @@ through. Only a train split is written: the data module holds out a seeded valid
 Segmentation datasets (``builtin:digit_scenes``, listed in ``SEGMENTATION_DATASETS``) are written in
 the ADEChallengeData2016 layout (``images/{training,validation}``, ``annotations/{training,validation}``)
 with a ``class_names.txt``, and read by ``SegmentationDataModule`` like a user's own such folder.
+Detection datasets (``builtin:digit_detection``, listed in ``DETECTION_DATASETS``) are written as a
+COCO folder (``embedded_detection.py``) and read by ``DetectionDataModule`` through the same COCO
+reader as a user's own.
 
 The cache folder is ``cache_dir`` when given, else ``$MAMBAOUT_PL_CACHE``, else
 ``~/.cache/mambaout_pl``; the images go to ``<cache folder>/<name>-v<version>``, so files written
@@ -15,7 +18,8 @@ a crash never leaves a half-written dataset and two processes (e.g. DDP ranks) r
 are both fine.
 
 To add a dataset, write a function ``(folder: Path) -> None`` that fills ``folder``, register it
-in ``BUILTIN_DATASETS`` (and, for a segmentation dataset, in ``SEGMENTATION_DATASETS``), and bump
+in ``BUILTIN_DATASETS`` (and, for a segmentation or detection dataset, in ``SEGMENTATION_DATASETS`` or
+``DETECTION_DATASETS``), and bump
 its ``BUILTIN_DATASET_VERSIONS`` entry whenever what it writes changes.
 """
 
@@ -28,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mambaout_pl.data.embedded_detection import DIGIT_DETECTION_VERSION, write_digit_detection
 from mambaout_pl.training.atomic import staged_folder
 
 BUILTIN_PREFIX = "builtin:"
@@ -53,7 +58,7 @@ def write_digits(folder: Path) -> None:
 
     digits = load_digits()
     scale = DIGITS_IMAGE_SIZE // digits.images.shape[1]
-    for index, (pixels, target) in enumerate(zip(digits.images, digits.target)):
+    for index, (pixels, target) in enumerate(zip(digits.images, digits.target, strict=True)):
         gray = np.rint(pixels * (255.0 / 16.0)).astype(np.uint8)
         gray = np.repeat(np.repeat(gray, scale, axis=0), scale, axis=1)
         class_folder = folder / "train" / str(int(target))
@@ -119,11 +124,18 @@ def _digit_scene(
 BUILTIN_DATASETS: dict[str, Callable[[Path], None]] = {
     "digits": write_digits,
     "digit_scenes": write_digit_scenes,
+    "digit_detection": write_digit_detection,
 }
-BUILTIN_DATASET_VERSIONS: dict[str, int] = {"digits": 1, "digit_scenes": 2}
+BUILTIN_DATASET_VERSIONS: dict[str, int] = {
+    "digits": 1,
+    "digit_scenes": 2,
+    "digit_detection": DIGIT_DETECTION_VERSION,
+}
 
 #: Embedded datasets written in the ADEChallengeData2016 layout, read by ``SegmentationDataModule``.
 SEGMENTATION_DATASETS = frozenset({"digit_scenes"})
+#: Embedded datasets written as COCO folders, read by ``DetectionDataModule``.
+DETECTION_DATASETS = frozenset({"digit_detection"})
 
 
 def builtin_name(path: str) -> str:

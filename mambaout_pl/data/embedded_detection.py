@@ -1,7 +1,8 @@
 """An embedded detection dataset that needs no network: handwritten digits scattered on scenes, in COCO's layout.
 
-``write_digit_detection`` writes ``annotations/instances_{train,val}.json`` and ``{train,val}/`` PNG
-scenes, so the data goes through the same reader (`mambaout_pl.data.coco.load_coco_split`) as a
+``write_digit_detection`` writes ``annotations/instances_{train2017,val2017}.json`` and
+``{train2017,val2017}/`` PNG scenes (COCO 2017's split names, so that the same split settings read
+both), so the data goes through the same reader (`mambaout_pl.data.coco.load_coco_split`) as a
 real COCO folder. Each 64x64 scene holds 1-3 of scikit-learn's handwritten digits (training scenes
 from the first 1497, validation scenes from the last 300), scaled to 16-32 pixels, placed without
 overlap and painted in a colour that contrasts with a smooth colour background. A digit's mask
@@ -24,16 +25,15 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from mambaout_pl.data.embedded import cache_root
-
 __all__ = ["DIGIT_DETECTION_CATEGORIES", "materialize_digit_detection", "write_digit_detection"]
 
 DIGIT_DETECTION_NAME = "digit_detection"
-DIGIT_DETECTION_VERSION = 1
+DIGIT_DETECTION_VERSION = 2
 DIGIT_DETECTION_SIZE = 64
-DIGIT_DETECTION_COUNTS = {"train": 600, "val": 150}
+DIGIT_DETECTION_COUNTS = {"train2017": 600, "val2017": 150}
 DIGIT_DETECTION_CATEGORIES = [{"id": digit + 1, "name": str(digit), "supercategory": "digit"} for digit in range(10)]
-# Scenes of each split paste digits from their own part of scikit-learn's digits.
+# Scenes of each split paste digits from their own part of scikit-learn's digits ("train2017" and
+# "train" draw from the training part, "val2017" and "val" from the validation part).
 _POOLS = {"train": (0, 1497), "val": (1497, 1797)}
 
 
@@ -51,7 +51,7 @@ def write_digit_detection(
     (folder / "annotations").mkdir(parents=True)
     for split_index, (split, count) in enumerate((counts or DIGIT_DETECTION_COUNTS).items()):
         rng = np.random.default_rng([seed, split_index])
-        first, last = _POOLS.get(split, (0, len(digits.images)))
+        first, last = _POOLS.get(split.rstrip("0123456789"), (0, len(digits.images)))
         (folder / split).mkdir()
         images, annotations = [], []
         for image_id in range(1, count + 1):
@@ -120,6 +120,8 @@ def materialize_digit_detection(cache_dir: str | os.PathLike | None = None, **kw
     Arguments other than ``cache_dir`` go to `write_digit_detection`; a non-default ``seed``,
     ``counts`` or ``size`` gets its own folder.
     """
+    from mambaout_pl.data.embedded import cache_root  # embedded.py registers this module's dataset
+
     suffix = "".join(f"-{key}{value}" for key, value in sorted(kwargs.items()) if key != "counts")
     if kwargs.get("counts"):
         suffix += "-" + "-".join(f"{split}{count}" for split, count in kwargs["counts"].items())

@@ -6,6 +6,8 @@ A user names a dataset by ``path`` (and optionally ``name``, ``data_dir``, ``dat
 - a Hub id such as ``"ILSVRC/imagenet-1k"`` (downloaded and cached by ``datasets``);
 - a packaged builder such as ``"imagefolder"`` or ``"parquet"`` with ``data_dir`` / ``data_files``;
 - ``"ade20k"`` with ``data_dir``: a folder in the ADEChallengeData2016 layout (``ade20k.py``);
+- ``"coco"`` with ``data_dir``: a COCO folder, ``annotations/instances_<split>.json`` and ``<split>/``
+  images (``coco.py``);
 - a local folder of data files, or a folder written by ``Dataset.save_to_disk``;
 - ``"builtin:<name>"``, an embedded quick-start dataset that needs no network (``embedded.py``).
 
@@ -27,6 +29,7 @@ from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 
 from mambaout_pl.data import embedded
 from mambaout_pl.data.ade20k import load_ade20k_folder
+from mambaout_pl.data.coco import load_coco_folder
 from mambaout_pl.data.errors import DataError, DataNotFoundError, SplitNotFoundError
 
 AnyDataset = Dataset | IterableDataset
@@ -35,6 +38,8 @@ DataFiles = str | Sequence[str] | Mapping[str, str | Sequence[str]]
 
 #: ``path`` of a folder in the ADEChallengeData2016 layout, given as ``data_dir``.
 ADE20K_LAYOUT = "ade20k"
+#: ``path`` of a COCO folder (``annotations/instances_<split>.json`` and ``<split>/``), given as ``data_dir``.
+COCO_LAYOUT = "coco"
 
 # Number of shards a saved-to-disk dataset is cut into when streamed, so that ranks and
 # dataloader workers each get whole shards.
@@ -50,23 +55,27 @@ def resolve_builtin(
 ) -> tuple[str, str | os.PathLike | None]:
     """``(path, data_dir)`` with an embedded ``builtin:<name>`` written to disk and named by its builder.
 
-    Classification data becomes ``("imagefolder", folder)``, segmentation data ``("ade20k", folder)``;
-    any other ``path`` is returned as is.
+    Classification data becomes ``("imagefolder", folder)``, segmentation data ``("ade20k", folder)``,
+    detection data ``("coco", folder)``; any other ``path`` is returned as is.
     """
     if not path.startswith(embedded.BUILTIN_PREFIX):
         return path, data_dir
     if data_dir is not None or data_files is not None:
         raise DataError(
             f"path={path!r} is an embedded dataset and takes no data_dir or data_files; remove them, or set "
-            "`path` to the builder that reads your files: 'imagefolder' (classification) or 'ade20k' (an "
-            "ADEChallengeData2016-layout folder), with `data_dir` the folder."
+            "`path` to the builder that reads your files: 'imagefolder' (classification), 'ade20k' (an "
+            "ADEChallengeData2016-layout folder) or 'coco' (a COCO folder), with `data_dir` the folder."
         )
     try:
         name = embedded.builtin_name(path)
     except ValueError as error:
         raise DataError(f"{error} Set `path` to one of them.") from error
     folder = embedded.materialize(path, cache_dir=cache_dir)
-    return (ADE20K_LAYOUT if name in embedded.SEGMENTATION_DATASETS else "imagefolder"), folder
+    if name in embedded.SEGMENTATION_DATASETS:
+        return ADE20K_LAYOUT, folder
+    if name in embedded.DETECTION_DATASETS:
+        return COCO_LAYOUT, folder
+    return "imagefolder", folder
 
 
 def open_dataset(
@@ -80,7 +89,7 @@ def open_dataset(
     cache_dir: str | os.PathLike | None = None,
     token: bool | str | None = None,
 ) -> AnyDatasetDict | AnyDataset:
-    """Open a dataset by Hub id, packaged builder, ADE20K-layout folder, local folder or ``builtin:<name>``.
+    """Open a dataset by Hub id, packaged builder, ADE20K-layout or COCO folder, local folder or ``builtin:<name>``.
 
     Returns all splits (a ``DatasetDict``, or an ``IterableDatasetDict`` when ``streaming``), or
     the one split named by ``split``. A folder saved with ``save_to_disk`` holding a single
@@ -95,6 +104,13 @@ def open_dataset(
                 "holding images/ and annotations/."
             )
         splits = _maybe_stream(load_ade20k_folder(data_dir), streaming)
+    elif path == COCO_LAYOUT:
+        if data_dir is None:
+            raise DataError(
+                f"path={path!r} reads a COCO folder: set `data_dir` to the folder holding annotations/ "
+                "(instances_<split>.json) and the <split>/ image folders."
+            )
+        splits = _maybe_stream(load_coco_folder(data_dir), streaming)
     elif _is_saved_to_disk(local):
         splits = _load_saved(local, streaming=streaming)
     else:
