@@ -131,6 +131,7 @@ class ObjectDetectionTask(BaseTask):
             **kwargs,
         )
         self._pictures: list[torch.Tensor] = []  # validation pictures of the current epoch (rank 0)
+        self._category_ids: list[int] | None = None  # the dataset's category id of each label, in predict
 
     # -- building -----------------------------------------------------------------------------
 
@@ -253,6 +254,9 @@ class ObjectDetectionTask(BaseTask):
         self.log(main, scores.pop(main), prog_bar=True)
         self.log_dict(scores)
 
+    def on_predict_epoch_start(self) -> None:
+        self._category_ids = dataset_category_ids(self._trainer)
+
     def predict_step(self, batch: DetectionBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Per image: its ``image_id`` (from its target, else its position) and its detections as COCO
         results (see ``detection_outputs.coco_results``), with the data module's category ids when it has them."""
@@ -260,10 +264,10 @@ class ObjectDetectionTask(BaseTask):
         targets = batch.get("targets") or [{} for _ in images]
         first = batch_idx * len(images)
         image_ids = [int(target.get("image_id", first + index)) for index, target in enumerate(targets)]
-        category_ids = dataset_category_ids(self._trainer)
         outputs = self.model(images)
         results = [
-            coco_results(image_id, output, category_ids) for image_id, output in zip(image_ids, outputs, strict=True)
+            coco_results(image_id, output, self._category_ids)
+            for image_id, output in zip(image_ids, outputs, strict=True)
         ]
         return {"image_id": image_ids, "results": results}
 

@@ -39,10 +39,18 @@ def label_names_of(label_names: Sequence[str] | None, category_ids: Sequence[int
 
 
 def dataset_category_ids(trainer: Trainer | None) -> list[int] | None:
-    """The dataset's own category id of each label 1..K (``datamodule.category_ids``), when the data module says."""
+    """The dataset's own category id of each label 1..K, when the data module knows them: its
+    ``category_ids``, else the ids of its COCO annotation file's categories (labels follow them in id order)."""
     datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
     category_ids = getattr(datamodule, "category_ids", None)
-    return [int(category_id) for category_id in category_ids] if category_ids else None
+    if category_ids:
+        return [int(category_id) for category_id in category_ids]
+    annotation_file = getattr(datamodule, "annotation_file", None)
+    path = annotation_file("val") if callable(annotation_file) else None
+    if path is None:
+        return None
+    categories = json.loads(Path(path).read_text()).get("categories") or []
+    return sorted(int(category["id"]) for category in categories) or None
 
 
 def draw_detections(
