@@ -192,6 +192,16 @@ def test_subclasses_override_one_part():
     assert task.val_metrics.iou_thresholds == [0.5] and len(task.test_metrics.iou_thresholds) == 10
 
 
+def test_instance_segmentation_without_masks_in_the_data_says_what_to_do():
+    task = InstanceSegmentationTask(**SMALL_TASK)
+    batch = square_batch(seed=0, images=1)
+    del batch["targets"][0]["masks"]
+    with pytest.raises(ValueError, match="Set `data.masks: true`, or train boxes only with .*ObjectDetectionTask"):
+        task.training_step(batch, 0)
+    boxes_only = ObjectDetectionTask(**SMALL_TASK)
+    assert set(boxes_only._training_target(batch["targets"][0])) == {"boxes", "labels"}
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="label_names has 2 names but num_classes is 3"):
         ObjectDetectionTask(**SMALL_TASK, label_names=["a", "b"])

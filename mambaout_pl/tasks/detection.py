@@ -200,6 +200,7 @@ class ObjectDetectionTask(BaseTask):
 
     def _training_target(self, target: DetectionTarget) -> dict[str, torch.Tensor]:
         """What the detector trains on: boxes, labels (and masks), without crowd regions."""
+        self._check_masks(target)
         keys = ("boxes", "labels", "masks") if self.masks else ("boxes", "labels")
         trained = {key: target[key].as_subclass(torch.Tensor) for key in keys}
         iscrowd = target.get("iscrowd")
@@ -207,6 +208,13 @@ class ObjectDetectionTask(BaseTask):
             keep = iscrowd == 0
             trained = {key: value[keep] for key, value in trained.items()}
         return trained
+
+    def _check_masks(self, target: DetectionTarget) -> None:
+        if self.masks and "masks" not in target:
+            raise ValueError(
+                f"{type(self).__name__} trains and scores instance masks, but the batch's targets have none. "
+                "Set `data.masks: true`, or train boxes only with mambaout_pl.tasks.ObjectDetectionTask."
+            )
 
     # -- evaluation ---------------------------------------------------------------------------
 
@@ -217,6 +225,8 @@ class ObjectDetectionTask(BaseTask):
         self._evaluate(batch, "test", self.test_metrics)
 
     def _evaluate(self, batch: DetectionBatch, stage: str, metric: MeanAveragePrecision) -> None:
+        for target in batch["targets"]:
+            self._check_masks(target)
         outputs = self.model(batch["images"])
         metric.update(metric_predictions(outputs, self.masks), metric_targets(batch["targets"], self.masks))
         if stage != "val":
