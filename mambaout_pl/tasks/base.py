@@ -73,6 +73,8 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
         eps: Adam epsilon.
         layer_decay: layer-wise learning-rate decay (``None``: off).
         scheduler: any ``timm.scheduler`` schedule name, stepped per optimizer update.
+        decay_milestones: epochs at whose end the ``multistep`` schedule multiplies the learning
+            rate by 0.1 (``None``: timm's default).
         warmup_epochs: linear warm-up length in epochs (fractions allowed).
         warmup_steps: linear warm-up length in optimizer updates (``None``: use ``warmup_epochs``).
         warmup_lr: learning rate at the start of warm-up.
@@ -100,6 +102,7 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
         eps: float = 1e-8,
         layer_decay: float | None = None,
         scheduler: str = "cosine",
+        decay_milestones: tuple[float, ...] | None = None,
         warmup_epochs: float = 0.0,
         warmup_steps: int | None = None,
         warmup_lr: float = 1e-6,
@@ -153,7 +156,11 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
         warmup_epochs = hparams.warmup_epochs
         if hparams.warmup_steps is not None:
             warmup_epochs = hparams.warmup_steps / updates_per_epoch
-        poly = {"decay_rate": hparams.poly_power} if hparams.poly_power is not None else {}
+        schedule_args: dict[str, Any] = {}
+        if hparams.poly_power is not None:
+            schedule_args["decay_rate"] = hparams.poly_power
+        if hparams.get("decay_milestones") is not None:
+            schedule_args["decay_milestones"] = list(hparams.decay_milestones)
         scheduler, _ = create_scheduler_v2(
             optimizer,
             sched=hparams.scheduler,
@@ -164,7 +171,7 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
             cooldown_epochs=hparams.cooldown_epochs,
             step_on_epochs=False,
             updates_per_epoch=updates_per_epoch,
-            **poly,
+            **schedule_args,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -1,0 +1,230 @@
+"""What a detection task shows and writes: pictures with boxes, labels and masks drawn, COCO results json."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from pycocotools import mask as mask_utils
+from torchvision.transforms.v2.functional import to_pil_image
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+from mambaout_pl.tasks.segmentation_outputs import palette
+
+__all__ = [
+    "DetectionResultsWriter",
+    "coco_results",
+    "dataset_category_ids",
+    "detection_panel",
+    "draw_detections",
+    "label_names_of",
+    "objects_from_results",
+]
+
+
+def label_names_of(label_names: Sequence[str] | None, category_ids: Sequence[int] | None = None) -> dict[int, str]:
+    """``{label: name}`` for labels 1..K, or for the dataset's ``category_ids`` when given."""
+    if not label_names:
+        return {}
+    labels = category_ids if category_ids else range(1, len(label_names) + 1)
+    return {int(label): name for label, name in zip(labels, label_names, strict=False)}
+
+
+def dataset_category_ids(trainer: Trainer | None) -> list[int] | None:
+    """The dataset's own category id of each label 1..K, when the data module knows them: its
+    ``category_ids``, else the ids of its COCO annotation file's categories (labels follow them in id order)."""
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    category_ids = getattr(datamodule, "category_ids", None)
+    if category_ids:
+        return [int(category_id) for category_id in category_ids]
+    annotation_file = getattr(datamodule, "annotation_file", None)
+    path = annotation_file("val") if callable(annotation_file) else None
+    if path is None:
+        return None
+    categories = json.loads(Path(path).read_text()).get("categories") or []
+    return sorted(int(category["id"]) for category in categories) or None
+
+
+def draw_detections(
+    image: torch.Tensor,
+    objects: Mapping[str, torch.Tensor],
+    names: Mapping[int, str] | None = None,
+    score_threshold: float = 0.5,
+    min_side: int = 256,
+) -> torch.Tensor:
+    """``image`` (float ``[3, H, W]`` in [0, 1]) with the boxes, labels (and scores) and masks of ``objects`` drawn.
+
+    ``objects`` is a target (``boxes`` XYXY, ``labels``, ``masks`` ``[N, H, W]``) or a detector
+    output (with ``scores``, ``masks`` ``[N, 1, H, W]`` probabilities); detections scoring below
+    ``score_threshold`` are left out, and labels are shown by their ``names``. Small images are
+    enlarged so that the shorter side is at least ``min_side``, to keep the labels legible.
+    Returns uint8 ``[3, h, w]``.
+    """
+    image = image.detach().float().cpu().clamp(0.0, 1.0)
+    boxes = objects["boxes"].detach().float().cpu().as_subclass(torch.Tensor)
+    labels = objects["labels"].detach().cpu().as_subclass(torch.Tensor)
+    scores = objects.get("scores")
+    keep = torch.ones(len(boxes), dtype=torch.bool) if scores is None else scores.detach().cpu() >= score_threshold
+    boxes, labels = boxes[keep], labels[keep]
+    masks = objects.get("masks")
+    scale = max(1.0, min_side / min(image.shape[-2:]))
+    size = (round(image.shape[-2] * scale), round(image.shape[-1] * scale))
+    if scale > 1:
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        boxes = boxes * scale
+    picture = (image * 255).round().to(torch.uint8)
+    colours = [tuple(int(value) for value in palette(256)[1 + int(label) % 255]) for label in labels]
+    if masks is not None and len(boxes):
+        masks = masks.detach().float().cpu().as_subclass(torch.Tensor)[keep]
+        masks = masks[:, 0] if masks.ndim == 4 else masks
+        masks = F.interpolate(masks[None], size=size, mode="bilinear", align_corners=False)[0] > 0.5
+        picture = draw_segmentation_masks(picture, masks, alpha=0.45, colors=colours)
+    if not len(boxes):
+        return picture
+    texts = [(names or {}).get(int(label), str(int(label))) for label in labels]
+    if scores is not None:
+        texts = [f"{text} {score:.2f}" for text, score in zip(texts, scores.detach().cpu()[keep].tolist(), strict=True)]
+    return draw_bounding_boxes(picture, boxes, labels=texts, colors=colours, width=2)
+
+
+def detection_panel(
+    image: torch.Tensor,
+    target: Mapping[str, torch.Tensor],
+    output: Mapping[str, torch.Tensor],
+    names: Mapping[int, str] | None = None,
+    score_threshold: float = 0.5,
+) -> torch.Tensor:
+    """``truth | prediction`` side by side, float ``[3, h, 2w]`` in [0, 1], for loggers that take images."""
+    truth = draw_detections(image, target, names)
+    prediction = draw_detections(image, output, names, score_threshold)
+    return torch.cat([truth, prediction], dim=-1).float() / 255.0
+
+
+def objects_from_results(results: Sequence[Mapping[str, Any]], height: int, width: int) -> dict[str, torch.Tensor]:
+    """COCO results of one image as ``boxes`` XYXY, ``labels`` (the category ids), ``scores`` and, with
+    segmentations, ``masks`` ``[N, H, W]``, for :func:`draw_detections`."""
+    boxes = torch.tensor([result["bbox"] for result in results], dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    objects = {
+        "boxes": boxes,
+        "labels": torch.tensor([result["category_id"] for result in results], dtype=torch.int64),
+        "scores": torch.tensor([result["score"] for result in results], dtype=torch.float32),
+    }
+    if results and "segmentation" in results[0]:
+        rles = [dict(result["segmentation"]) for result in results]
+        objects["masks"] = torch.from_numpy(mask_utils.decode(rles).transpose(2, 0, 1).copy())
+    elif "segmentation" in (results[0] if results else {}):
+        objects["masks"] = torch.zeros(0, height, width, dtype=torch.uint8)
+    return objects
+
+
+def coco_results(
+    image_id: int,
+    output: dict[str, torch.Tensor],
+    category_ids: Sequence[int] | None = None,
+) -> list[dict[str, Any]]:
+    """One image's detections as COCO results (``image_id``, ``category_id``, ``bbox`` ``[x, y, w, h]``,
+    ``score`` and, with masks, ``segmentation`` as RLE), labels mapped to ``category_ids[label - 1]``."""
+    boxes = output["boxes"].detach().float().cpu().clone()
+    boxes[:, 2:] -= boxes[:, :2]
+    labels = output["labels"].detach().cpu().tolist()
+    scores = output["scores"].detach().float().cpu().tolist()
+    rles = None
+    if "masks" in output:
+        masks = (output["masks"].detach()[:, 0] > 0.5).cpu().numpy().astype(np.uint8)
+        rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0))) if len(masks) else []
+    results = []
+    for index, (box, label, score) in enumerate(zip(boxes.tolist(), labels, scores, strict=True)):
+        result = {
+            "image_id": int(image_id),
+            "category_id": int(category_ids[label - 1]) if category_ids else int(label),
+            "bbox": box,
+            "score": score,
+        }
+        if rles is not None:
+            rle = rles[index]
+            result["segmentation"] = {
+                "size": [int(side) for side in rle["size"]],
+                "counts": rle["counts"].decode("ascii"),
+            }
+        results.append(result)
+    return results
+
+
+class DetectionResultsWriter(BasePredictionWriter):
+    """Write ``trainer.predict``'s COCO results to ``output_dir/results.json`` (one list over all images,
+    what COCO's evaluation server takes), and the first ``num_pictures`` images with their detections
+    drawn to ``output_dir/pictures/<image_id>.png``.
+
+    ``output_dir`` ``None``: ``<trainer.default_root_dir>/predict``. Each prediction is
+    ``{"image_id": [...], "results": [[COCO result, ...], ...]}`` per batch (see
+    ``ObjectDetectionTask.predict_step``); pictures are drawn on the batch's images, with the
+    ``label_names`` of labels 1..K (of the data module's ``category_ids`` when it has them). Under DDP the
+    ranks' results are gathered and rank 0 writes the file.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path | None = None,
+        num_pictures: int = 8,
+        label_names: Sequence[str] | None = None,
+        score_threshold: float = 0.5,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.num_pictures = num_pictures
+        self.label_names = label_names
+        self.score_threshold = score_threshold
+        self.names: dict[int, str] = {}
+        self._results: list[dict[str, Any]] = []
+        self._pictures_written = 0
+
+    def folder(self, trainer: Trainer) -> Path:
+        """The folder written to."""
+        return self.output_dir if self.output_dir is not None else Path(trainer.default_root_dir) / "predict"
+
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._results = []
+        self._pictures_written = 0
+        self.names = label_names_of(self.label_names, dataset_category_ids(trainer))
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        folder = self.folder(trainer)
+        for index, (image_id, results) in enumerate(zip(prediction["image_id"], prediction["results"], strict=True)):
+            self._results.extend(results)
+            if trainer.is_global_zero and self._pictures_written < self.num_pictures:
+                image = batch["images"][index]
+                objects = objects_from_results(results, *image.shape[-2:])
+                picture = draw_detections(image, objects, self.names, self.score_threshold)
+                (folder / "pictures").mkdir(parents=True, exist_ok=True)
+                to_pil_image(picture).save(folder / "pictures" / f"{image_id}.png")
+                self._pictures_written += 1
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        results = self._results
+        if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
+            gathered: list[list[dict[str, Any]]] = [[] for _ in range(trainer.world_size)]
+            dist.all_gather_object(gathered, results)
+            results = [result for part in gathered for result in part]
+        if trainer.is_global_zero:
+            folder = self.folder(trainer)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "results.json").write_text(json.dumps(results))
+        self._results = []
