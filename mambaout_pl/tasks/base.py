@@ -266,4 +266,6 @@ def check_trains(trainer: Any) -> None:
             "trainer.max_steps for a step budget); use `validate` to only evaluate."
         )
     if trainer.max_steps == 0:
-        raise ValueError("trainer.max_steps=0 trains nothing: set it to the number of optimizer updates, or -1 for no limit.")
+        raise ValueError(
+            "trainer.max_steps=0 trains nothing: set it to the number of optimizer updates, or -1 for no limit."
+        )
