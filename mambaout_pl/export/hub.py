@@ -223,14 +223,26 @@ class PushToHubCallback(Callback):
 
 
 def export_main(argv: list[str]) -> int:
-    """``mambaout export CKPT DIR [--overwrite]``."""
-    parser = argparse.ArgumentParser(prog="mambaout export", description="Export a task checkpoint to a Hub folder.")
+    """``mambaout export CKPT DIR [--format {hub,onnx,pt2}] [--overwrite]``."""
+    parser = argparse.ArgumentParser(prog="mambaout export", description="Export a task checkpoint to a folder.")
     parser.add_argument("checkpoint", help="a .ckpt written by `mambaout fit`")
-    parser.add_argument("output_dir", help="folder to write (config.json, model.safetensors, README.md)")
+    parser.add_argument("output_dir", help="folder to write")
+    parser.add_argument(
+        "--format",
+        choices=("hub", "onnx", "pt2"),
+        default="hub",
+        help="hub: config.json, model.safetensors, README.md (default); onnx: model.onnx; pt2: a torch.export "
+        "program model.pt2; onnx and pt2 with deployment.json (input size, mean/std, label names)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     args = parser.parse_args(argv)
     try:
-        folder = export_checkpoint(args.checkpoint, args.output_dir, overwrite=args.overwrite)
+        if args.format == "hub":
+            folder = export_checkpoint(args.checkpoint, args.output_dir, overwrite=args.overwrite)
+        else:
+            from mambaout_pl.export.deploy import export_deployment
+
+            folder = export_deployment(args.checkpoint, args.output_dir, args.format, overwrite=args.overwrite)
     except (ExportError, CheckpointError, FileNotFoundError) as error:
         print(f"mambaout export: error: {error}", file=sys.stderr)
         return 2
