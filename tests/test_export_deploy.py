@@ -9,12 +9,13 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from helpers import small_run_args
+from helpers import small_run_args, small_segmentation_args
 from torch import nn
 
 from mambaout_pl.cli import main
 from mambaout_pl.errors import ExportError
 from mambaout_pl.export.deploy import OPSET, export_onnx, export_program
+from mambaout_pl.export.hub import read_task_checkpoint, task_from_checkpoint
 from mambaout_pl.models import UperNetSegmentor, create_model
 from mambaout_pl.models.mixers.ssm import SelectiveScanMixer
 from mambaout_pl.tasks import ClassificationTask
@@ -157,3 +158,25 @@ def test_cli_exports_a_trained_checkpoint_to_onnx_and_pt2(image_folder: Path, tm
     program = torch.export.load(output / "model.pt2").module()
     with torch.no_grad():
         torch.testing.assert_close(program(images), reference, atol=1e-4, rtol=0)
+
+
+def test_cli_exports_a_trained_segmentation_checkpoint_to_onnx(ade20k_folder: Path, tmp_path: Path) -> None:
+    recipe = Path(__file__).parents[1] / "recipes" / "quickstart_segmentation.yaml"
+    small = ["--model.backbone_args={'depths': [1, 1, 1, 1]}", "--model.decode_channels=16", "--model.aux_channels=8"]
+    main(["fit", f"--config={recipe}", *small_segmentation_args(tmp_path / "run", ade20k_folder), *small])
+    (checkpoint_path,) = (tmp_path / "run").glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    output = tmp_path / "deploy"
+
+    assert main(["export", str(checkpoint_path), str(output), "--format", "onnx"]) == 0
+    config = json.loads((output / "deployment.json").read_text())
+    task = task_from_checkpoint(read_task_checkpoint(checkpoint_path))
+    classes = task.hparams.num_classes
+    assert config["input"]["shape"] == ["batch", 3, 32, 32]
+    assert config["output"] == {"name": "logits", "shape": ["batch", classes, 32, 32]}
+    assert config["pipeline_tag"] == "image-segmentation" and len(config["label_names"]) == classes
+    torch.manual_seed(0)
+    for batch in (1, 3):
+        images = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            reference = task(images)
+        torch.testing.assert_close(onnx_logits(output / "model.onnx", images), reference, atol=1e-4, rtol=0)
