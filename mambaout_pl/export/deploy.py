@@ -28,11 +28,10 @@ from torch.export import Dim, ExportedProgram
 
 from mambaout_pl import __version__
 from mambaout_pl.errors import ExportError
-from mambaout_pl.export.hub import read_task_checkpoint, task_from_checkpoint
 from mambaout_pl.export.spec import ExportSpec
 from mambaout_pl.models.mixers.ssm import SelectiveScanMixer
+from mambaout_pl.tasks.base import BaseTask
 from mambaout_pl.training.atomic import atomic_write, staged_folder
-from mambaout_pl.training.resume import CHECKPOINT_KEY
 
 __all__ = [
     "CONFIG_NAME",
@@ -40,9 +39,9 @@ __all__ = [
     "INPUT_NAME",
     "OPSET",
     "OUTPUT_NAME",
-    "export_deployment",
     "export_onnx",
     "export_program",
+    "export_task",
     "to_onnx",
     "trace_program",
 ]
@@ -188,22 +187,24 @@ def _save_onnx(onnx_program: torch.onnx.ONNXProgram, path: Path) -> None:
     atomic_write(path, lambda file: file.write(data))
 
 
-# -- a task checkpoint ----------------------------------------------------------------------------
+# -- a task ---------------------------------------------------------------------------------------
 
 
-def export_deployment(
-    checkpoint_path: str | os.PathLike,
+def export_task(
+    task: BaseTask,
     output_dir: str | os.PathLike,
     format: str = "onnx",
+    data_hparams: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     opset: int = OPSET,
 ) -> Path:
-    """Write the network of a task checkpoint to a folder as ``model.onnx`` or ``model.pt2`` with ``deployment.json``.
+    """Write a task's network to a folder as ``model.onnx`` or ``model.pt2``, with ``deployment.json``; returns the folder.
 
-    The input size, normalisation and label names come from the task's :class:`ExportSpec` (the
-    data module's settings saved in the checkpoint), else from the network's ``pretrained_cfg``.
-    The folder is written under a temporary name and renamed into place; an existing non-empty
-    folder is replaced only with ``overwrite=True``.
+    The input size, normalisation and label names come from the task's :class:`ExportSpec` for the
+    data module's saved settings ``data_hparams``, else from the network's ``pretrained_cfg``. The
+    folder is written under a temporary name and renamed into place; an existing non-empty folder
+    is replaced only with ``overwrite=True``. ``mambaout export CKPT DIR --format onnx`` calls it
+    with the task and data settings a checkpoint holds.
     """
     if format not in FILE_NAMES:
         raise ExportError(f"Unknown deployment format {format!r}; choose one of {', '.join(FILE_NAMES)}.")
@@ -212,15 +213,14 @@ def export_deployment(
         raise ExportError(f"Export target '{target}' is a file; give a folder path.")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise ExportError(f"Export target '{target}' exists and is not empty; pass --overwrite to replace it.")
-    checkpoint = read_task_checkpoint(checkpoint_path)
-    task = task_from_checkpoint(checkpoint, checkpoint_path)
-    spec = task.export_spec(checkpoint.get("datamodule_hyper_parameters", {}))
+    spec = task.export_spec(data_hparams or {})
     network = task.model
     preprocessing = _preprocessing(spec, network)
     if "input_size" not in preprocessing:
         raise ExportError(
-            f"'{checkpoint_path}' does not say which input size the network takes (no data module settings "
-            "and no pretrained_cfg); export it from Python with mambaout_pl.export.deploy.export_onnx(..., input_size=...)."
+            f"{type(task).__name__}'s data settings do not give the network's input size (no image_size or "
+            "crop_size), nor does its pretrained_cfg; export it with "
+            "mambaout_pl.export.deploy.export_onnx(task.model, path, input_size=...)."
         )
     in_chans, height, width = preprocessing["input_size"]
     program = trace_program(network, (height, width), in_chans)
@@ -230,7 +230,7 @@ def export_deployment(
         else:
             _save_program(program, staging / FILE_NAMES[format])
         config = deployment_config(spec, preprocessing, format, output_shape(program), opset)
-        config["task"] = checkpoint[CHECKPOINT_KEY]["task"]
+        config["task"] = f"{type(task).__module__}.{type(task).__qualname__}"
         text = json.dumps(config, indent=2).encode()
         atomic_write(staging / CONFIG_NAME, lambda file: file.write(text))
     return target

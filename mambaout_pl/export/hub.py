@@ -240,9 +240,12 @@ def export_main(argv: list[str]) -> int:
         if args.format == "hub":
             folder = export_checkpoint(args.checkpoint, args.output_dir, overwrite=args.overwrite)
         else:
-            from mambaout_pl.export.deploy import export_deployment
+            from mambaout_pl.export.deploy import export_task
 
-            folder = export_deployment(args.checkpoint, args.output_dir, args.format, overwrite=args.overwrite)
+            checkpoint = read_task_checkpoint(args.checkpoint)
+            task = task_from_checkpoint(checkpoint, args.checkpoint)
+            data_hparams = checkpoint.get("datamodule_hyper_parameters", {})
+            folder = export_task(task, args.output_dir, args.format, data_hparams, overwrite=args.overwrite)
     except (ExportError, CheckpointError, FileNotFoundError) as error:
         print(f"mambaout export: error: {error}", file=sys.stderr)
         return 2
