@@ -36,6 +36,7 @@ from mambaout_pl import __version__
 from mambaout_pl.errors import CheckpointError, CheckpointMismatchError, ExportError
 from mambaout_pl.export.model_card import model_card
 from mambaout_pl.export.spec import ExportSpec
+from mambaout_pl.export.target import EXPORT_MANIFEST, check_export_target, staged_export
 from mambaout_pl.models import (
     UnknownModelError,
     UntrustedNameError,
@@ -44,7 +45,6 @@ from mambaout_pl.models import (
     untrusted_source,
 )
 from mambaout_pl.tasks.base import BaseTask
-from mambaout_pl.training.atomic import staged_folder
 from mambaout_pl.training.checkpoint_io import read_checkpoint
 from mambaout_pl.training.resume import CHECKPOINT_KEY, RESUME_MAY_CHANGE
 
@@ -97,80 +97,23 @@ def task_from_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike 
 # -- export ---------------------------------------------------------------------------------------
 
 
-#: The file an export writes last, listing every file it wrote: what ``--overwrite`` may replace.
-EXPORT_MANIFEST = "export_manifest.json"
-
-
-def export_checkpoint(checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+def export_checkpoint(
+    checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False
+) -> Path:
     """Write a Hub folder for a task checkpoint; returns the folder.
 
     The folder is written beside the target under a temporary name and renamed into place, so a
     failed export leaves nothing half-written. An existing non-empty folder is replaced only with
     ``overwrite=True``, and only when it is an earlier export holding nothing else (see
-    :func:`check_export_target`).
+    :func:`~mambaout_pl.export.target.check_export_target`).
     """
     target = Path(output_dir)
     check_export_target(target, overwrite)
     checkpoint = read_task_checkpoint(checkpoint_path)
     task = task_from_checkpoint(checkpoint, checkpoint_path)
-    with staged_folder(target, replace=True) as staging:
+    with staged_export(target, overwrite) as staging:
         write_export(task, checkpoint, Path(checkpoint_path), staging)
-        manifest = {"library_name": "mambaout-pl", "files": sorted([p.name for p in staging.iterdir()] + [EXPORT_MANIFEST])}
-        (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
     return target
-
-
-def check_export_target(target: Path, overwrite: bool) -> None:
-    """Refuse an export target that is a link or a file, and one whose content an export would lose.
-
-    A folder is replaced only with ``overwrite`` and only when it is an earlier export (it has the
-    :data:`EXPORT_MANIFEST` an export writes) holding nothing but the files that export listed:
-    never a run folder with checkpoints, nor anything else the export did not write.
-    """
-    if target.is_symlink():
-        raise ExportError(
-            f"Export target '{target}' is a symbolic link to '{os.readlink(target)}'. An export replaces its "
-            f"folder in one rename, which would replace the link: give the folder it points to "
-            f"('{target.resolve()}') or another path."
-        )
-    if target.exists() and not target.is_dir():
-        raise ExportError(f"Export target '{target}' is a file; give a folder path.")
-    contents = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in target.iterdir()) if target.is_dir() else []
-    if not contents:
-        return
-    listed = _listed_export_files(target)
-    if listed is None:
-        raise ExportError(
-            f"Export target '{target}' is not empty and is not an earlier export (it has no {EXPORT_MANIFEST}): it "
-            f"holds {_summary(contents)}. `mambaout export` never replaces such a folder, --overwrite included; "
-            "give a new or empty folder."
-        )
-    foreign = [name for name in contents if name.rstrip("/") not in listed]
-    if foreign:
-        raise ExportError(
-            f"Export target '{target}' holds an earlier export and {_summary(foreign)}, which that export did not "
-            "write. Move them away or give another folder; --overwrite replaces only what an export wrote."
-        )
-    if not overwrite:
-        raise ExportError(f"Export target '{target}' holds an earlier export; pass --overwrite to replace it.")
-
-
-def _listed_export_files(folder: Path) -> set[str] | None:
-    """The file names an earlier export in ``folder`` listed in its manifest, or None when it has none."""
-    try:
-        manifest = json.loads((folder / EXPORT_MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
-        return None
-    return set(files)
-
-
-def _summary(names: list[str], shown: int = 8) -> str:
-    checkpoints = [name for name in names if name.endswith(".ckpt") or name.rstrip("/") == "checkpoints"]
-    text = ", ".join(f"'{name}'" for name in names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
-    return f"{len(names)} entries ({text})" + (" including checkpoints" if checkpoints else "")
 
 
 def write_export(task: BaseTask, checkpoint: dict[str, Any], checkpoint_path: Path, folder: Path) -> str:
@@ -292,16 +235,31 @@ class PushToHubCallback(Callback):
 
 
 def export_main(argv: list[str]) -> int:
-    """``mambaout export CKPT DIR [--overwrite] [--allow-import-path PATH ...]``."""
-    parser = argparse.ArgumentParser(prog="mambaout export", description="Export a task checkpoint to a Hub folder.")
+    """``mambaout export CKPT DIR [--format {hub,onnx,pt2}] [--overwrite] [--allow-import-path PATH ...]``."""
+    parser = argparse.ArgumentParser(prog="mambaout export", description="Export a task checkpoint to a folder.")
     parser.add_argument("checkpoint", help="a .ckpt written by `mambaout fit`")
-    parser.add_argument("output_dir", help="folder to write (config.json, model.safetensors, README.md)")
+    parser.add_argument("output_dir", help="folder to write")
+    parser.add_argument(
+        "--format",
+        choices=("hub", "onnx", "pt2"),
+        default="hub",
+        help="hub: config.json, model.safetensors, README.md (default); onnx: model.onnx; pt2: a torch.export "
+        "program model.pt2; onnx and pt2 with deployment.json (input size, mean/std, label names)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in output_dir")
     _add_allow_argument(parser)
     args = parser.parse_args(argv)
     try:
         allow_import_path(*args.allow_import_path)
-        folder = export_checkpoint(args.checkpoint, args.output_dir, overwrite=args.overwrite)
+        if args.format == "hub":
+            folder = export_checkpoint(args.checkpoint, args.output_dir, overwrite=args.overwrite)
+        else:
+            from mambaout_pl.export.deploy import export_task
+
+            checkpoint = read_task_checkpoint(args.checkpoint)
+            task = task_from_checkpoint(checkpoint, args.checkpoint)
+            data_hparams = checkpoint.get("datamodule_hyper_parameters", {})
+            folder = export_task(task, args.output_dir, args.format, data_hparams, overwrite=args.overwrite)
     except (ExportError, CheckpointError, FileNotFoundError, UntrustedNameError, UnknownModelError, OSError) as error:
         print(f"mambaout export: error: {error}", file=sys.stderr)
         return 2

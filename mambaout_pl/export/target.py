@@ -1,0 +1,86 @@
+"""Export folders: what ``--overwrite`` may replace, and writing one whole or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mambaout_pl.errors import ExportError
+from mambaout_pl.training.atomic import staged_folder
+
+#: The file an export writes last, listing every file it wrote: what ``--overwrite`` may replace.
+EXPORT_MANIFEST = "export_manifest.json"
+
+
+@contextmanager
+def staged_export(target: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder beside ``target`` to write an export into, renamed onto ``target`` at the end
+    with a manifest of its files; ``target`` is checked first (see :func:`check_export_target`)."""
+    check_export_target(target, overwrite)
+    with staged_folder(target, replace=True) as staging:
+        yield staging
+        manifest = {
+            "library_name": "mambaout-pl",
+            "files": sorted([path.name for path in staging.iterdir()] + [EXPORT_MANIFEST]),
+        }
+        (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def check_export_target(target: Path, overwrite: bool) -> None:
+    """Refuse an export target that is a link or a file, and one whose content an export would lose.
+
+    A folder is replaced only with ``overwrite`` and only when it is an earlier export (it has the
+    :data:`EXPORT_MANIFEST` an export writes) holding nothing but the files that export listed:
+    never a run folder with checkpoints, nor anything else the export did not write.
+    """
+    if target.is_symlink():
+        raise ExportError(
+            f"Export target '{target}' is a symbolic link to '{os.readlink(target)}'. An export replaces its "
+            f"folder in one rename, which would replace the link: give the folder it points to "
+            f"('{target.resolve()}') or another path."
+        )
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"Export target '{target}' is a file; give a folder path.")
+    contents = (
+        sorted(entry.name + ("/" if entry.is_dir() else "") for entry in target.iterdir()) if target.is_dir() else []
+    )
+    if not contents:
+        return
+    listed = _listed_export_files(target)
+    if listed is None:
+        raise ExportError(
+            f"Export target '{target}' is not empty and is not an earlier export (it has no {EXPORT_MANIFEST}): it "
+            f"holds {_summary(contents)}. `mambaout export` never replaces such a folder, --overwrite included; "
+            "give a new or empty folder."
+        )
+    foreign = [name for name in contents if name.rstrip("/") not in listed]
+    if foreign:
+        raise ExportError(
+            f"Export target '{target}' holds an earlier export and {_summary(foreign)}, which that export did not "
+            "write. Move them away or give another folder; --overwrite replaces only what an export wrote."
+        )
+    if not overwrite:
+        raise ExportError(f"Export target '{target}' holds an earlier export; pass --overwrite to replace it.")
+
+
+def _listed_export_files(folder: Path) -> set[str] | None:
+    """The file names an earlier export in ``folder`` listed in its manifest, or None when it has none."""
+    try:
+        manifest = json.loads((folder / EXPORT_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        return None
+    return set(files)
+
+
+def _summary(names: list[str], shown: int = 8) -> str:
+    checkpoints = [name for name in names if name.endswith(".ckpt") or name.rstrip("/") == "checkpoints"]
+    text = ", ".join(f"'{name}'" for name in names[:shown]) + (
+        f" and {len(names) - shown} more" if len(names) > shown else ""
+    )
+    return f"{len(names)} entries ({text})" + (" including checkpoints" if checkpoints else "")
