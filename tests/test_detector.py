@@ -122,6 +122,29 @@ def test_head_styles_differ_as_documented():
         RCNNDetector("mambaout_femto", head_style="detectron")
 
 
+def test_rpn_top_n_settings_bound_the_proposals_in_training_and_at_inference():
+    detector = small_detector(
+        rpn_pre_nms_top_n_train=300,
+        rpn_pre_nms_top_n_test=50,
+        rpn_post_nms_top_n_train=40,
+        rpn_post_nms_top_n_test=7,
+    )
+    assert detector.rpn._pre_nms_top_n == {"training": 300, "testing": 50}
+    assert detector.rpn._post_nms_top_n == {"training": 40, "testing": 7}
+    assert detector.config["model_args"]["rpn_post_nms_top_n_test"] == 7
+    rebuilt = create_model(detector.config["model_name"], **detector.config["model_args"])
+    assert rebuilt.rpn._post_nms_top_n == {"training": 40, "testing": 7}
+    images, targets = batch()
+    for training, count in ((True, 40), (False, 7)):
+        detector.train(training)
+        with torch.no_grad():
+            image_list, resized = detector.transform(images, targets if training else None)
+            proposals, _ = detector.rpn(image_list, detector.backbone(image_list.tensors), resized)
+        assert [len(boxes) for boxes in proposals] == [count, count]
+    with pytest.raises(ValueError, match="rpn_post_nms_top_n_test=0"):
+        small_detector(rpn_post_nms_top_n_test=0)
+
+
 def test_aligned_roi_align_pools_each_box_from_its_fpn_level_with_aligned_sampling():
     generator = torch.Generator().manual_seed(0)
     features = {name: torch.randn(1, 2, 64 // 2**i, 64 // 2**i, generator=generator) for i, name in enumerate("0123")}

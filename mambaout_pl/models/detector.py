@@ -258,6 +258,12 @@ class RCNNDetector(
         box_batch_size_per_image: RoIs sampled per image to train the box and mask heads (a quarter
             of them positive at most); fewer train faster on small images.
         box_detections_per_img: Detections kept per image at inference.
+        rpn_pre_nms_top_n_train: RPN proposals kept per FPN level before NMS in training.
+        rpn_pre_nms_top_n_test: RPN proposals kept per FPN level before NMS at inference.
+        rpn_post_nms_top_n_train: RPN proposals kept per image after NMS in training (None: 1000
+            with the "mmdet" head style, 2000 with "torchvision").
+        rpn_post_nms_top_n_test: RPN proposals kept per image after NMS at inference, the RoIs the
+            box head scores; on small images with few objects 100-200 lose little and test faster.
         pretrained: A local checkpoint file of ImageNet weights for the backbone, read once here.
             It is left out of the saved config: `from_pretrained` builds with None and then loads
             the whole network's saved weights.
@@ -281,6 +287,10 @@ class RCNNDetector(
         image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
         box_batch_size_per_image: int = 512,
         box_detections_per_img: int = 100,
+        rpn_pre_nms_top_n_train: int = 2000,
+        rpn_pre_nms_top_n_test: int = 1000,
+        rpn_post_nms_top_n_train: int | None = None,
+        rpn_post_nms_top_n_test: int = 1000,
         pretrained: str | os.PathLike | None = None,
     ):
         if head_style not in HEAD_STYLES:
@@ -288,6 +298,17 @@ class RCNNDetector(
         if num_classes < 1:
             raise ValueError(f"num_classes={num_classes} must be >= 1 (object classes, without the background).")
         mmdet = head_style == "mmdet"
+        if rpn_post_nms_top_n_train is None:
+            rpn_post_nms_top_n_train = 1000 if mmdet else 2000
+        top_n = {
+            "rpn_pre_nms_top_n_train": rpn_pre_nms_top_n_train,
+            "rpn_pre_nms_top_n_test": rpn_pre_nms_top_n_test,
+            "rpn_post_nms_top_n_train": rpn_post_nms_top_n_train,
+            "rpn_post_nms_top_n_test": rpn_post_nms_top_n_test,
+        }
+        for name, value in top_n.items():
+            if value < 1:
+                raise ValueError(f"{name}={value} must be >= 1 (RPN proposals kept).")
         body = FeatureBackbone(
             backbone,
             out_indices=out_indices,
@@ -313,8 +334,8 @@ class RCNNDetector(
             bg_iou_thresh=0.3,
             batch_size_per_image=256,
             positive_fraction=0.5,
-            pre_nms_top_n={"training": 2000, "testing": 1000},
-            post_nms_top_n={"training": 1000 if mmdet else 2000, "testing": 1000},
+            pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
+            post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
             nms_thresh=0.7,
         )
         pool_class = AlignedMultiScaleRoIAlign if mmdet else MultiScaleRoIAlign
@@ -361,6 +382,7 @@ class RCNNDetector(
             "image_std": [float(value) for value in image_std],
             "box_batch_size_per_image": box_batch_size_per_image,
             "box_detections_per_img": box_detections_per_img,
+            **top_n,
         }
 
     @property

@@ -62,6 +62,12 @@ class ObjectDetectionTask(BaseTask):
         max_size: upper bound of the longer side after that resize.
         box_batch_size_per_image: RoIs sampled per image to train the box (and mask) head.
         box_detections_per_img: detections kept per image at inference.
+        rpn_pre_nms_top_n_train: RPN proposals kept per FPN level before NMS in training.
+        rpn_pre_nms_top_n_test: RPN proposals kept per FPN level before NMS at inference.
+        rpn_post_nms_top_n_train: RPN proposals kept per image after NMS in training (``None``:
+            1000 with ``head_style="mmdet"``, 2000 with ``"torchvision"``).
+        rpn_post_nms_top_n_test: RPN proposals kept per image after NMS at inference, the RoIs the
+            box head scores (fewer validate faster on small images with few objects).
         map_backend: the COCO evaluation code: ``"faster_coco_eval"`` or ``"pycocotools"``.
         num_val_images: validation images shown as truth | prediction pictures (0: none).
         predict_dir: folder where ``trainer.predict`` writes ``results.json`` and ``pictures/``
@@ -101,6 +107,10 @@ class ObjectDetectionTask(BaseTask):
         max_size: int = 1333,
         box_batch_size_per_image: int = 512,
         box_detections_per_img: int = 100,
+        rpn_pre_nms_top_n_train: int = 2000,
+        rpn_pre_nms_top_n_test: int = 1000,
+        rpn_post_nms_top_n_train: int | None = None,
+        rpn_post_nms_top_n_test: int = 1000,
         map_backend: str = "faster_coco_eval",
         num_val_images: int = 4,
         predict_dir: str | None = None,
@@ -153,6 +163,10 @@ class ObjectDetectionTask(BaseTask):
             "max_size": hparams.max_size,
             "box_batch_size_per_image": hparams.box_batch_size_per_image,
             "box_detections_per_img": hparams.box_detections_per_img,
+            "rpn_pre_nms_top_n_train": hparams.rpn_pre_nms_top_n_train,
+            "rpn_pre_nms_top_n_test": hparams.rpn_pre_nms_top_n_test,
+            "rpn_post_nms_top_n_train": hparams.rpn_post_nms_top_n_train,
+            "rpn_post_nms_top_n_test": hparams.rpn_post_nms_top_n_test,
         }
 
     def configure_models(self) -> None:
