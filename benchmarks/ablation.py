@@ -2,7 +2,7 @@
 
 Each overlay swaps the token mixer of the recipe it is given after; network, data and schedule stay. For each one the
 table gives the parameters, GMACs per image at the recipe's input size (and at 224x224, where the
-mixers' costs part), the training throughput (the training steps of the fit itself, data loading
+mixers' costs part; a detector's backbone only, marked so), the training throughput (the training steps of the fit itself, data loading
 excluded, the first three left out as warm-up), the wall time of the fit, the epochs run and the
 best validation score of the checkpoint callback's monitor.
 
@@ -56,8 +56,7 @@ class TrainThroughput(Callback):
     ) -> None:
         self.steps += 1
         if self.steps > self.warmup:
-            images = batch["image"] if isinstance(batch, dict) else batch[0]
-            self.images += images.shape[0]
+            self.images += len(batch_images(batch))
             self.seconds += time.perf_counter() - self._start
 
     @property
@@ -109,8 +108,10 @@ def run_recipe(recipe: Path, overlay: Path, epochs: int | None, root: Path, extr
 
     network = cli.model.model
     batch = next(iter(cli.datamodule.val_dataloader()))
-    image_size = tuple((batch["image"] if isinstance(batch, dict) else batch[0]).shape[-2:])
-    meta_network = copy.deepcopy(network).to("meta")
+    image_size = tuple(batch_images(batch)[0].shape[-2:])
+    # A detector's forward (proposals, NMS) cannot run on the meta device: count its backbone there.
+    counted = network if isinstance(batch_images(batch), torch.Tensor) else _backbone(network)
+    meta_network = copy.deepcopy(counted).to("meta")
     best = next(c for c in cli.trainer.checkpoint_callbacks if c.monitor)
     return {
         "recipe": name,
@@ -119,12 +120,20 @@ def run_recipe(recipe: Path, overlay: Path, epochs: int | None, root: Path, extr
         "gmacs": count_macs(meta_network, image_size) / 1e9,
         "gmacs_224": count_macs(meta_network, (224, 224)) / 1e9,
         "image_size": list(image_size),
+        "gmacs_of": "network" if counted is network else "backbone",
         "train_images_per_second": throughput.images_per_second,
         "fit_seconds": seconds,
         "epochs": cli.trainer.current_epoch,
         "monitor": best.monitor,
         "best_score": best.best_model_score.item() if best.best_model_score is not None else None,
     }
+
+
+def batch_images(batch: Any) -> torch.Tensor | list[torch.Tensor]:
+    """The images of a batch: a tensor (classification, segmentation) or a list (detection)."""
+    if isinstance(batch, dict):
+        return batch["image"] if "image" in batch else batch["images"]
+    return batch[0]
 
 
 def _backbone(network: torch.nn.Module) -> torch.nn.Module:
@@ -135,7 +144,8 @@ def _backbone(network: torch.nn.Module) -> torch.nn.Module:
 
 
 def _shown(path: Path) -> Path:
-    return path.relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path
+    resolved = path.resolve()
+    return resolved.relative_to(ROOT) if resolved.is_relative_to(ROOT) else path
 
 
 def main() -> int:
@@ -158,7 +168,7 @@ def main() -> int:
             row["mixer"],
             f"{row['params']:,}",
             "x".join(str(s) for s in row["image_size"]),
-            f"{row['gmacs']:.4f}",
+            f"{row['gmacs']:.4f}" + ("" if row["gmacs_of"] == "network" else " (backbone)"),
             f"{row['gmacs_224']:.3f}",
             "-" if row["train_images_per_second"] is None else f"{row['train_images_per_second']:.0f}",
             f"{row['fit_seconds']:.0f}",
