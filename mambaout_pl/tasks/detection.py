@@ -21,12 +21,12 @@ from mambaout_pl.tasks.detection_outputs import (
     detection_panel,
     label_names_of,
 )
-from mambaout_pl.tasks.segmentation_outputs import log_pictures
+from mambaout_pl.tasks.validation_pictures import ValidationPictures
 
 __all__ = ["InstanceSegmentationTask", "ObjectDetectionTask"]
 
 
-class ObjectDetectionTask(BaseTask):
+class ObjectDetectionTask(ValidationPictures, BaseTask):
     """Train and evaluate an object detector: Faster R-CNN with an FPN over any backbone (``RCNNDetector``).
 
     Batches are ``DetectionBatch`` (``mambaout_pl.data.batches``): a list of float images in [0, 1]
@@ -250,24 +250,6 @@ class ObjectDetectionTask(BaseTask):
                 break
             names = label_names_of(self.hparams.label_names)
             self._pictures.append(detection_panel(image, target, output, names, self.hparams.score_threshold))
-
-    def _wants_pictures(self) -> bool:
-        trainer = self._trainer
-        if trainer is None or trainer.sanity_checking or not trainer.is_global_zero:
-            return False
-        return len(self._pictures) < self.hparams.num_val_images
-
-    def on_validation_epoch_start(self) -> None:
-        self._pictures = []
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_scores("val", self.val_metrics)
-        if self._pictures:
-            log_pictures(self, "val/examples", self._pictures)
-        self._pictures = []
-
-    def on_test_epoch_end(self) -> None:
-        self._log_scores("test", self.test_metrics)
 
     def _log_scores(self, stage: str, metric: MeanAveragePrecision) -> None:
         if not metric.update_called:

@@ -20,10 +20,11 @@ from mambaout_pl.models.upernet import resize
 from mambaout_pl.tasks.arguments import check_drop_path_rate
 from mambaout_pl.tasks.base import BaseTask
 from mambaout_pl.tasks.segmentation_metrics import confusion_scores, segmentation_metrics
-from mambaout_pl.tasks.segmentation_outputs import SegmentationMaskWriter, log_pictures, overlay_panel
+from mambaout_pl.tasks.segmentation_outputs import SegmentationMaskWriter, overlay_panel
+from mambaout_pl.tasks.validation_pictures import ValidationPictures
 
 
-class SegmentationTask(BaseTask):
+class SegmentationTask(ValidationPictures, BaseTask):
     """Train and evaluate a semantic segmentation network (``UperNetSegmentor``).
 
     ``task(images)`` returns logits ``[B, num_classes, H, W]`` at the image size. Training batches
@@ -262,24 +263,6 @@ class SegmentationTask(BaseTask):
                 self._pictures.append(overlay_panel(image, mask, prediction, ignore_index=self.hparams.ignore_index))
         if losses:
             self.log_eval_loss(stage, torch.stack(losses).mean(), batch_size=len(losses))
-
-    def _wants_pictures(self) -> bool:
-        trainer = self._trainer
-        if trainer is None or trainer.sanity_checking or not trainer.is_global_zero:
-            return False
-        return len(self._pictures) < self.hparams.num_val_images
-
-    def on_validation_epoch_start(self) -> None:
-        self._pictures = []
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_scores("val", self.val_metrics)
-        if self._pictures:
-            log_pictures(self, "val/examples", self._pictures)
-        self._pictures = []
-
-    def on_test_epoch_end(self) -> None:
-        self._log_scores("test", self.test_metrics)
 
     def _log_scores(self, stage: str, metrics: MetricCollection) -> None:
         results = metrics.compute()

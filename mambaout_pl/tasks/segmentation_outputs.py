@@ -69,22 +69,6 @@ def overlay_panel(
     return torch.cat([image, truth, blend(prediction)], dim=-1).clamp(0.0, 1.0)
 
 
-def log_pictures(module: LightningModule, tag: str, panels: list[torch.Tensor]) -> int:
-    """Send ``panels`` to every logger that takes images (TensorBoard ``add_image``, W&B ``log_image``); return how many did."""
-    logged = 0
-    for logger in module.loggers:
-        experiment = getattr(logger, "experiment", None)
-        if experiment is not None and hasattr(experiment, "add_image"):
-            for index, panel in enumerate(panels):
-                experiment.add_image(f"{tag}/{index}", panel, global_step=module.global_step, dataformats="CHW")
-            logged += 1
-        elif hasattr(logger, "log_image"):
-            images = [panel.permute(1, 2, 0).numpy() for panel in panels]
-            logger.log_image(key=tag, images=images, step=module.global_step)
-            logged += 1
-    return logged
-
-
 def write_label_png(path: str | Path, labels: torch.Tensor | np.ndarray) -> None:
     """Write a label map as a palette PNG (pixel value = class index, coloured); 16-bit grey above 255 classes."""
     labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
