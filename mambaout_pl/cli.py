@@ -217,6 +217,7 @@ def follow_task_monitor(config: Any) -> None:
     model = config.get("model")
     if checkpoint is None or model is None or TASK_DEFAULT not in (checkpoint.get("monitor"), checkpoint.get("mode")):
         return
+    # The class path is the user's own, or a checkpoint's already checked by `check_saved_class_paths`.
     module_name, _, class_name = str(model.get("class_path")).rpartition(".")
     task_class = getattr(importlib.import_module(module_name), class_name)
     if checkpoint.get("monitor") == TASK_DEFAULT:

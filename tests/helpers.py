@@ -53,3 +53,25 @@ def small_segmentation_args(root: Path, ade20k_folder: Path) -> list[str]:
         "--model.slide_crop_size=[24,24]",
         "--model.slide_stride=[16,16]",
     ]
+
+
+TINY_BACKBONE = '{"depths": [1, 1, 1, 1], "dims": [8, 8, 16, 16]}'
+
+
+def tiny_fit_args(root: Path, images: Path, *extra: str) -> list[str]:
+    """`fit` of the classification quick start on an image folder: one 32x32 step of a one-block-per-stage femto."""
+    return [
+        "fit",
+        f"--config={Path(__file__).parents[1] / 'recipes' / 'quickstart.yaml'}",
+        *cpu_trainer_args(root),
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=1",
+        "--trainer.limit_val_batches=1",
+        "--data.path=imagefolder",
+        f"--data.data_dir={images}",
+        "--data.image_size=32",
+        "--data.batch_size=2",
+        "--data.num_workers=0",
+        f"--model.backbone_args={TINY_BACKBONE}",
+        *extra,
+    ]

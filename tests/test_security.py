@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import write_image_folder
 from helpers import cpu_trainer_args
+from helpers import tiny_fit_args as fit_args
 
 from mambaout_pl.cli import main, run_cli
 from mambaout_pl.errors import CheckpointMismatchError
@@ -26,7 +27,6 @@ from mambaout_pl.models import UnknownModelError, UntrustedNameError, UperNetSeg
 
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
-TINY_BACKBONE = '{"depths": [1, 1, 1, 1], "dims": [8, 8, 16, 16]}'
 PAYLOADS = ("os.system", "subprocess.check_output", "builtins.exec", "evil_module.Net")
 
 USER_MODULE = '''
@@ -160,24 +160,6 @@ def test_timm_format_folder_builds_only_timm_models(marker: Path, tmp_path: Path
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("images"), train_per_class=2, val_per_class=1)
-
-
-def fit_args(root: Path, images: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        f"--config={RECIPE}",
-        *cpu_trainer_args(root),
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=1",
-        "--trainer.limit_val_batches=1",
-        "--data.path=imagefolder",
-        f"--data.data_dir={images}",
-        "--data.image_size=32",
-        "--data.batch_size=2",
-        "--data.num_workers=0",
-        f"--model.backbone_args={TINY_BACKBONE}",
-        *extra,
-    ]
 
 
 def eval_args(command: str, root: Path, images: Path, checkpoint: Path, *extra: str) -> list[str]:
