@@ -21,6 +21,17 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HOME"] = str(_SANDBOX / "huggingface")
 os.environ["HF_DATASETS_CACHE"] = str(_SANDBOX / "huggingface" / "datasets")
 os.environ["MAMBAOUT_PL_CACHE"] = str(_SANDBOX / "mambaout_pl")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # pytest-xdist runs one worker per CPU: one thread each (and in the processes they start), so
+    # the workers do not wait on each other's thread pools.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first, so that under pytest-xdist the longest runs start early and short tests fill the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 IMAGE_FOLDER_CLASSES = ("cat", "dog", "fish")
 # Each class has one dominant channel (cat red, dog green, fish blue), so the class is learnable

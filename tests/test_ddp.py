@@ -14,7 +14,8 @@ from lightning.pytorch import Trainer
 from mambaout_pl.data import ImageClassificationDataModule
 from mambaout_pl.tasks import ClassificationTask
 
-pytestmark = pytest.mark.slow
+# Several processes each: one xdist worker runs them all, one after another.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("processes")]
 
 SCRIPT = textwrap.dedent(
     """

@@ -83,6 +83,7 @@ DDP_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")
 def test_two_process_ddp_training_does_not_warn_about_gradient_strides(image_folder: Path, tmp_path: Path) -> None:
     script = tmp_path / "train_ddp.py"
     script.write_text(DDP_SCRIPT)

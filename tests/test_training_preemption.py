@@ -20,7 +20,8 @@ from helpers import small_run_args
 
 from mambaout_pl.cli import run_cli
 
-pytestmark = pytest.mark.slow
+# Several processes each: one xdist worker runs them all, one after another.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("processes")]
 
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
