@@ -17,7 +17,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def benchmark_run(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     yield importlib.import_module("run")
-    for name in ("run", "common", "model_speed", "framework_overhead", "data_pipeline", "ceiling"):
+    for name in ("run", "common", "model_speed", "framework_overhead", "data_pipeline", "ceiling", "folder_index"):
         sys.modules.pop(name, None)
 
 
@@ -69,3 +69,19 @@ def test_quick_run_writes_every_section(benchmark_run, tmp_path):
             assert math.isclose(row["ratio"], row["ours"] / row["reference"], rel_tol=1e-9), row
     wait = written[7]
     assert 0 < wait["ours"] < 1 and 0 < wait["reference"] < 1
+
+
+def test_folder_index_benchmark_times_every_open(benchmark_run, tmp_path):
+    folder_index = importlib.import_module("folder_index")
+    rows = folder_index.main(
+        ["--files", "40", "--classes", "4", "--rounds", "1", "--datasets-max", "40", "--workdir", str(tmp_path)]
+    )
+    assert [row.name for row in rows] == [
+        "folder/44_files/first_open",
+        "folder/44_files/warm_open",
+        "folder/44_files/datasets_imagefolder_warm",
+    ]
+    for row in rows:
+        assert row.ours > 0 and row.reference > 0 and row.unit == "s", row
+        assert math.isclose(row.ratio, row.ours / row.reference, rel_tol=1e-9), row
+    assert list(tmp_path.iterdir()) == []  # the generated folders are removed

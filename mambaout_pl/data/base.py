@@ -71,7 +71,7 @@ class BaseDataModule(LightningDataModule):
             ``annotations/``; for ``"coco"``: the folder holding ``annotations/`` and the split folders).
         data_files: Data files: a path or glob, a list of them, or a dict split -> files.
         revision: Hub dataset revision (branch, tag or commit).
-        cache_dir: Cache folder for ``datasets`` and for embedded datasets.
+        cache_dir: Cache folder for ``datasets``, for embedded datasets and for image folder indexes.
         train_split: Split to train on (an ADE20K-layout folder's ``training`` folder is ``"train"``).
         val_split: Split to validate on; when the dataset has no such split, a seeded
             ``val_fraction`` of ``train_split`` is held out instead.

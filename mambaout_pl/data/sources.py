@@ -4,7 +4,8 @@ A user names a dataset by ``path`` (and optionally ``name``, ``data_dir``, ``dat
 ``revision``), exactly as in ``datasets.load_dataset``:
 
 - a Hub id such as ``"ILSVRC/imagenet-1k"`` (downloaded and cached by ``datasets``);
-- a packaged builder such as ``"imagefolder"`` or ``"parquet"`` with ``data_dir`` / ``data_files``;
+- a packaged builder such as ``"imagefolder"`` or ``"parquet"`` with ``data_dir`` / ``data_files``
+  (a local ``imagefolder`` folder is read from an index written on its first open: ``folder_index.py``);
 - ``"ade20k"`` with ``data_dir``: a folder in the ADEChallengeData2016 layout (``ade20k.py``);
 - ``"coco"`` with ``data_dir``: a COCO folder, ``annotations/instances_<split>.json`` and ``<split>/``
   images (``coco.py``);
@@ -17,6 +18,7 @@ whose message names the value and says which argument to change.
 
 from __future__ import annotations
 
+import logging
 import os
 import pkgutil
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,6 +33,9 @@ from mambaout_pl.data import embedded
 from mambaout_pl.data.ade20k import load_ade20k_folder
 from mambaout_pl.data.coco import load_coco_folder
 from mambaout_pl.data.errors import DataError, DataNotFoundError, SplitNotFoundError
+from mambaout_pl.data.folder_index import UnsupportedLayout, open_image_folder
+
+logger = logging.getLogger(__name__)
 
 AnyDataset = Dataset | IterableDataset
 AnyDatasetDict = DatasetDict | IterableDatasetDict
@@ -115,16 +120,19 @@ def open_dataset(
         splits = _load_saved(local, streaming=streaming)
     else:
         _check_local_paths(path, local, data_dir, data_files)
-        splits = _load_with_datasets(
-            path,
-            name=name,
-            data_dir=None if data_dir is None else str(data_dir),
-            data_files=data_files,
-            revision=revision,
-            streaming=streaming,
-            cache_dir=None if cache_dir is None else str(cache_dir),
-            token=token,
-        )
+        indexed = path == "imagefolder" and name is None and data_files is None and revision is None
+        splits = _open_indexed_image_folder(data_dir, cache_dir) if indexed and not streaming else None
+        if splits is None:
+            splits = _load_with_datasets(
+                path,
+                name=name,
+                data_dir=None if data_dir is None else str(data_dir),
+                data_files=data_files,
+                revision=revision,
+                streaming=streaming,
+                cache_dir=None if cache_dir is None else str(cache_dir),
+                token=token,
+            )
     if split is None:
         return splits
     return get_split(splits, split, argument="split", path=path)
@@ -216,6 +224,23 @@ def _iter_data_files(data_files: DataFiles) -> Iterable[str]:
     else:
         for file in data_files:
             yield from _iter_data_files(file)
+
+
+def _open_indexed_image_folder(
+    data_dir: str | os.PathLike | None, cache_dir: str | os.PathLike | None
+) -> DatasetDict | None:
+    """A local image folder from its index (``folder_index.py``), or None where ``datasets``' loader must read it."""
+    if data_dir is None or _is_remote(str(data_dir)):
+        return None
+    try:
+        return open_image_folder(data_dir, cache_dir=cache_dir)
+    except UnsupportedLayout as reason:
+        logger.info(
+            "Image folder %s is read by datasets' imagefolder loader, which lists it again on every open: %s.",
+            data_dir,
+            reason,
+        )
+        return None
 
 
 def _load_with_datasets(path: str, **kwargs: Any) -> AnyDatasetDict:
