@@ -90,6 +90,9 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
     #: The logged value that decides which checkpoint is best, and in which direction.
     monitor: str = "val/loss"
     mode: str = "min"
+    #: Constructor arguments that say where and how a run writes its predictions, not what the network
+    #: is: a checkpoint's values never replace the run's own (``predict --ckpt_path``, a resumed ``fit``).
+    output_settings: tuple[str, ...] = ()
 
     model: nn.Module
 
@@ -208,8 +211,9 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
         if not any(isinstance(callback, BasePredictionWriter) for callback in self.trainer.callbacks):
             rank_zero_warn(
                 f"{type(self).__name__}: no prediction writer is set, so trainer.predict only returns the "
-                "predictions (the `mambaout predict` command discards them). Set `model.predict_dir` to a folder "
-                "inside trainer.default_root_dir to write them."
+                "predictions (the `mambaout predict` command discards them). Return a "
+                "lightning.pytorch.callbacks.BasePredictionWriter from the task's configure_callbacks, or add one "
+                "to trainer.callbacks, to write them."
             )
 
     def configure_callbacks(self) -> list[Callback]:

@@ -71,7 +71,7 @@ class ObjectDetectionTask(ValidationPictures, BaseTask):
         map_backend: the COCO evaluation code: ``"faster_coco_eval"`` or ``"pycocotools"``.
         num_val_images: validation images shown as truth | prediction pictures (0: none).
         predict_dir: folder where ``trainer.predict`` writes ``results.json`` and ``pictures/``
-            (``None``: ``<trainer.default_root_dir>/predict``).
+            (``None``: ``<trainer.log_dir>/predict``, the run's folder).
         num_predict_pictures: images drawn with their detections by ``trainer.predict``.
         score_threshold: lowest score of a detection drawn in pictures (all are scored and written).
         lr: peak learning rate.
@@ -87,6 +87,7 @@ class ObjectDetectionTask(ValidationPictures, BaseTask):
 
     monitor = "val/bbox_mAP"
     mode = "max"
+    output_settings = ("predict_dir", "num_predict_pictures", "score_threshold")
     #: Train and evaluate instance masks (Mask R-CNN).
     masks: bool = False
 

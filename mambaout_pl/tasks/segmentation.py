@@ -69,14 +69,16 @@ class SegmentationTask(ValidationPictures, BaseTask):
             module already rescaled to its evaluation scale.
         test_flip: also predict on horizontally flipped images and average.
         num_val_images: validation images shown as image | truth | prediction pictures (0: none).
-        predict_dir: folder where ``trainer.predict`` writes one palette PNG per image
-            (pixel value = class index); ``None``: predictions are only returned.
+        predict_dir: folder where ``trainer.predict`` writes one palette PNG per image, named after the
+            image's file (pixel value = class index, at the image's size); ``None``:
+            ``<trainer.log_dir>/predict``, the run's folder.
         **kwargs: the other optimizer, schedule, EMA and non-finite-loss settings of
             :class:`BaseTask`, with its defaults; the ones above differ from them.
     """
 
     monitor = "val/mIoU"
     mode = "max"
+    output_settings = ("predict_dir",)
 
     def __init__(
         self,
@@ -182,10 +184,7 @@ class SegmentationTask(ValidationPictures, BaseTask):
         self.test_metrics = segmentation_metrics(num_classes, ignore_index, prefix="test/")
 
     def configure_callbacks(self) -> list[Callback]:
-        callbacks = super().configure_callbacks()
-        if self.hparams.predict_dir is not None:
-            callbacks.append(SegmentationMaskWriter(self.hparams.predict_dir))
-        return callbacks
+        return [*super().configure_callbacks(), SegmentationMaskWriter(self.hparams.predict_dir)]
 
     # -- training -----------------------------------------------------------------------------
 
