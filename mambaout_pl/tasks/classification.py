@@ -18,7 +18,7 @@ from mambaout_pl.data.batches import ClassificationBatch
 from mambaout_pl.export.spec import ExportSpec, preprocessing_config
 from mambaout_pl.models import create_model
 from mambaout_pl.tasks.arguments import check_drop_path_rate
-from mambaout_pl.tasks.base import BaseTask
+from mambaout_pl.tasks.base import BaseTask, image_batch
 from mambaout_pl.tasks.classification_outputs import PREDICTION_FORMATS, ClassificationPredictionWriter
 
 
@@ -116,6 +116,15 @@ class ClassificationTask(BaseTask):
             preprocessing=preprocessing_config(data_hparams or {}, size_key="image_size"),
             dataset=(data_hparams or {}).get("path"),
         )
+
+    def example_input(self, data_hparams: Mapping[str, Any]) -> torch.Tensor | None:
+        """One image of the data's ``image_size`` (else the network's default input size)."""
+        channels = (self.hparams.backbone_args or {}).get("in_chans", 3)
+        size = data_hparams.get("image_size")
+        if size is None:
+            input_size = (getattr(self.model, "pretrained_cfg", None) or {}).get("input_size")
+            size = None if input_size is None else tuple(input_size[-2:])
+        return None if size is None else image_batch(size, channels)
 
     def configure_callbacks(self) -> list[Callback]:
         hparams = self.hparams

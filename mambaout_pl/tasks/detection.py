@@ -12,7 +12,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from mambaout_pl.data.batches import DetectionBatch, DetectionTarget
 from mambaout_pl.export.spec import ExportSpec
 from mambaout_pl.models.detector import RCNNDetector
-from mambaout_pl.tasks.base import BaseTask
+from mambaout_pl.tasks.base import BaseTask, image_batch
 from mambaout_pl.tasks.detection_metrics import coco_scores, detection_metric, metric_predictions, metric_targets
 from mambaout_pl.tasks.detection_outputs import (
     DetectionResultsWriter,
@@ -184,6 +184,11 @@ class ObjectDetectionTask(ValidationPictures, BaseTask):
             hparams.predict_dir, hparams.num_predict_pictures, hparams.label_names, hparams.score_threshold
         )
         return [*callbacks, writer]
+
+    def example_input(self, data_hparams: Mapping[str, Any]) -> tuple[list[torch.Tensor]] | None:
+        """One image as large as the detector's own resize leaves it: ``min_size`` x ``max_size``."""
+        channels = (self.hparams.backbone_args or {}).get("in_chans", 3)
+        return ([image_batch((self.hparams.min_size, self.hparams.max_size), channels)[0]],)
 
     def export_spec(self, data_hparams: Mapping[str, Any] | None = None) -> ExportSpec:
         """mambaout-pl's format: the ``RCNNDetector`` and the arguments of its ``config``."""

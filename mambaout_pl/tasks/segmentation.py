@@ -18,7 +18,7 @@ from mambaout_pl.models.inference import INFERENCE_MODES, segment
 from mambaout_pl.models.segmentor import DECODE_HEADS, UperNetSegmentor
 from mambaout_pl.models.upernet import resize
 from mambaout_pl.tasks.arguments import check_drop_path_rate
-from mambaout_pl.tasks.base import BaseTask
+from mambaout_pl.tasks.base import BaseTask, image_batch
 from mambaout_pl.tasks.segmentation_metrics import confusion_scores, segmentation_metrics
 from mambaout_pl.tasks.segmentation_outputs import SegmentationMaskWriter, overlay_panel
 from mambaout_pl.tasks.validation_pictures import ValidationPictures
@@ -185,6 +185,12 @@ class SegmentationTask(ValidationPictures, BaseTask):
 
     def configure_callbacks(self) -> list[Callback]:
         return [*super().configure_callbacks(), SegmentationMaskWriter(self.hparams.predict_dir)]
+
+    def example_input(self, data_hparams: Mapping[str, Any]) -> torch.Tensor | None:
+        """One image of the data's training ``crop_size``."""
+        size = data_hparams.get("crop_size")
+        channels = (self.hparams.backbone_args or {}).get("in_chans", 3)
+        return None if size is None else image_batch(size, channels)
 
     # -- training -----------------------------------------------------------------------------
 
