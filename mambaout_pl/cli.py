@@ -127,11 +127,18 @@ class MambaOutCLI(LightningCLI):
         self._user_names = frozenset(config_strings(self.config[subcommand].get("model")))
         check_saved_class_paths(settings, self._user_names, source)
         self._checkpoint_source = source
+        own_model = self.config[subcommand].get("model")
+        own_model = None if own_model is None else own_model.clone()
+        saved = settings.get("dict_kwargs", settings)
+        saved_label_names = saved.get("label_names") if isinstance(saved, Mapping) else None
         try:
             self.config = self.parser.parse_object({subcommand: {"model": settings}}, self.config)
         except SystemExit:
             sys.stderr.write(f"Parsing the model settings saved in {ckpt_path} failed.\n")
             raise
+        keep_output_settings(self.config[subcommand], own_model)
+        if subcommand == "predict" and saved_label_names:
+            take_checkpoint_classes(self.config[subcommand], saved_label_names)
 
     def instantiate_classes(self) -> None:
         """Build the task, data module and trainer; names that came from a checkpoint resolve as data."""
@@ -211,15 +218,41 @@ def check_saved_class_paths(settings: Any, user_names: frozenset[str], source: s
             check_saved_class_paths(item, user_names, source, top=False)
 
 
+def task_class_of(model: Any) -> type:
+    """The task class a parsed ``model`` config names (the user's own, or a checkpoint's already checked
+    by :func:`check_saved_class_paths`)."""
+    module_name, _, class_name = str(model.get("class_path")).rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def keep_output_settings(config: Any, own_model: Any) -> None:
+    """Give the run's own values back to the task's ``output_settings`` (where and how it writes
+    predictions), which the checkpoint's settings replaced: they describe this run, not the network."""
+    model = config.get("model")
+    own_arguments = own_model.get("init_args") if own_model is not None else None
+    if model is None or own_arguments is None or task_class_of(model) is not task_class_of(own_model):
+        return
+    for name in getattr(task_class_of(model), "output_settings", ()):
+        if name in own_arguments:
+            model["init_args"][name] = own_arguments[name]
+
+
+def take_checkpoint_classes(config: Any, label_names: list[str]) -> None:
+    """``predict``: the data's class names are the checkpoint's ``label_names`` (the network predicts those;
+    the images to predict may have no labels at all), unless the config names them itself."""
+    data = config.get("data")
+    data_arguments = data.get("init_args") if data is not None else None
+    if data_arguments is not None and "label_names" in data_arguments and data_arguments["label_names"] is None:
+        data_arguments["label_names"] = list(label_names)
+
+
 def follow_task_monitor(config: Any) -> None:
     """Resolve ``auto`` in a parsed config's ``checkpoint.monitor`` and ``checkpoint.mode`` from the task class."""
     checkpoint = config.get("checkpoint")
     model = config.get("model")
     if checkpoint is None or model is None or TASK_DEFAULT not in (checkpoint.get("monitor"), checkpoint.get("mode")):
         return
-    # The class path is the user's own, or a checkpoint's already checked by `check_saved_class_paths`.
-    module_name, _, class_name = str(model.get("class_path")).rpartition(".")
-    task_class = getattr(importlib.import_module(module_name), class_name)
+    task_class = task_class_of(model)
     if checkpoint.get("monitor") == TASK_DEFAULT:
         checkpoint["monitor"] = task_class.monitor
     if checkpoint.get("mode") == TASK_DEFAULT:

@@ -27,6 +27,10 @@ class OutputPathError(ValueError):
     """A path from the config that the run would write to lies outside ``trainer.default_root_dir``."""
 
 
+class OutputExistsError(FileExistsError):
+    """A file the run would write exists already (an earlier run's): it is never overwritten."""
+
+
 class OutputWriteError(OSError):
     """A file or folder cannot be written at its target: no space, no permission, or a file where a folder should be."""
 

@@ -20,13 +20,15 @@ import pytest
 import torch
 from conftest import IMAGE_FOLDER_CLASSES, write_ade20k_folder, write_image_folder
 from helpers import small_run_args
+from lightning.pytorch import Trainer
 from PIL import Image
 from safetensors.torch import save_file
+from torch.utils.data import DataLoader
 
 from mambaout_pl.cli import main
 from mambaout_pl.data import DataError, ImageClassificationDataModule, InvalidLabelError, SegmentationDataModule
 from mambaout_pl.models import create_model
-from mambaout_pl.tasks import SegmentationTask
+from mambaout_pl.tasks import ClassificationTask, SegmentationTask
 
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
@@ -261,9 +263,19 @@ def test_classification_predict_writes_a_csv_row_per_image(images: Path, tmp_pat
         assert 1 / 3 <= float(row["probability"]) <= 1.0  # the most likely of 3 classes
 
 
-def test_predict_without_a_writer_warns_that_nothing_is_written(images: Path, tmp_path: Path) -> None:
-    with pytest.warns(UserWarning, match=r"no prediction writer is set.*Set `model\.predict_dir`"):
-        main(fit_args(tmp_path, images, "--data.predict_split=validation", command="predict"))
+class UnwrittenTask(ClassificationTask):
+    """A task whose predictions nothing writes."""
+
+    def configure_callbacks(self) -> list:
+        return []
+
+
+def test_predict_without_a_writer_warns_that_nothing_is_written(tmp_path: Path) -> None:
+    task = UnwrittenTask(num_classes=3, backbone_args=TINY_BACKBONE)
+    trainer = Trainer(default_root_dir=tmp_path, accelerator="cpu", enable_progress_bar=False, logger=False)
+    with pytest.warns(UserWarning, match=r"UnwrittenTask: no prediction writer is set.*BasePredictionWriter"):
+        trainer.predict(task, DataLoader([{"image": torch.zeros(3, 32, 32)}] * 2, batch_size=2))
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------

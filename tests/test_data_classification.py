@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from data_helpers import IMAGE_FOLDER_CLASSES, make_classification_module, to_pixels
+
+from mambaout_pl.data import DataNotFoundError, InvalidLabelError
 
 
 def test_image_folder_classes_batches_and_labels(image_folder, tmp_path):
@@ -36,3 +39,48 @@ def test_image_folder_classes_batches_and_labels(image_folder, tmp_path):
     for row in raw:
         assert Path(row["image"]["path"]).parent.name == dm.label_names[row["label"]]
     assert sorted(torch.cat([b["label"] for b in val_batches]).tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_label_names_given_are_checked_against_the_folders(image_folder, tmp_path):
+    renamed = make_classification_module(
+        tmp_path, path="imagefolder", data_dir=str(image_folder), label_names=["kitten", "puppy", "goldfish"]
+    )
+    assert renamed.num_classes == 3 and renamed.label_names == ["kitten", "puppy", "goldfish"]
+    with pytest.raises(InvalidLabelError, match=r"names its classes \['cat', 'dog', 'fish'\], but `label_names` names"):
+        renamed.setup("fit")
+    same = make_classification_module(
+        tmp_path, path="imagefolder", data_dir=str(image_folder), label_names=list(IMAGE_FOLDER_CLASSES)
+    )
+    same.setup("fit")
+    assert len(same.datasets["train"]) == 24
+
+
+def test_predict_images_are_read_without_labels_and_without_the_training_source(image_folder, tmp_path):
+    dm = make_classification_module(
+        tmp_path,
+        path="imagefolder",
+        data_dir=str(tmp_path / "deleted"),  # the training data is not needed to predict
+        label_names=["a", "b", "c"],
+        predict_images=str(image_folder / "validation"),  # class sub-folders: no labels all the same
+        eval_batch_size=5,
+    )
+    dm.setup("predict")
+    batches = list(dm.predict_dataloader())
+    assert [len(batch["file"]) for batch in batches] == [5, 5, 2]
+    files = [file for batch in batches for file in batch["file"]]
+    assert files == sorted(str(path) for path in (image_folder / "validation").rglob("*.png"))
+    assert all(set(batch) == {"image", "file"} for batch in batches)
+    dominant_channel = torch.cat([to_pixels(batch["image"]).mean(dim=(2, 3)).argmax(dim=1) for batch in batches])
+    assert [IMAGE_FOLDER_CLASSES[channel] for channel in dominant_channel] == [Path(f).parent.name for f in files]
+
+
+def test_predict_images_that_are_not_there_are_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    for images, message in (
+        (tmp_path / "missing", r"predict_images: '.*missing' is neither a folder, an image file nor a glob"),
+        (tmp_path / "empty", r"predict_images = '.*empty' holds no image files"),
+    ):
+        dm = make_classification_module(tmp_path, label_names=["a", "b"], predict_images=str(images))
+        with pytest.raises(DataNotFoundError, match=message):
+            dm.setup("predict")

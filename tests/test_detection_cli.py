@@ -76,14 +76,15 @@ def test_predict_writes_coco_results_with_the_datasets_category_ids(tmp_path: Pa
             "--data.num_workers=0",
         ]
     )
-    results = tmp_path / "predict" / "results.json"
+    folder = tmp_path / "lightning_logs" / "version_0" / "predict"  # the predict run's own folder
+    results = folder / "results.json"
     datamodule = DetectionDataModule(path="builtin:digit_detection")
     datamodule.prepare_data()
     coco = COCO(str(datamodule.annotation_file("val")))
     loaded = coco.loadRes(str(results))
     assert {annotation["image_id"] for annotation in loaded.anns.values()} == set(range(1, 7))
     assert {annotation["category_id"] for annotation in loaded.anns.values()} <= set(coco.getCatIds())
-    assert len(list((tmp_path / "predict" / "pictures").iterdir())) == 6
+    assert len(list((folder / "pictures").iterdir())) == 6
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=[overlay.stem for overlay in OVERLAYS])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,17 @@ def test_classifier_exports_in_timm_format_with_ema_weights(image_folder: Path, 
     assert "mambaout" in front_matter["tags"] and front_matter["metrics"] == ["accuracy"]
     assert "val/top1" in card and "hf-hub:USER/REPO" in card and "yu2025mambaout" in card
     assert "backbone: mambaout_femto" in card  # the saved recipe
+    # Links only to pages that exist: the paper, timm's documentation, timm's weights of the architecture.
+    assert card_links(card) == {
+        "https://arxiv.org/abs/2405.07992",
+        "https://huggingface.co/docs/timm",
+        "https://huggingface.co/timm/mambaout_femto.in1k",
+    }
+
+
+def card_links(card: str) -> set[str]:
+    """Every web address in a model card."""
+    return set(re.findall(r"https?://[^\s)>\]`'\"]+", card))
 
 
 def test_network_timm_cannot_build_exports_in_our_format_and_loads_strictly(image_folder: Path, tmp_path: Path) -> None:
@@ -95,6 +107,7 @@ def test_network_timm_cannot_build_exports_in_our_format_and_loads_strictly(imag
         logits = model(images)
     expected = task_logits(checkpoint_path, images, backbone, backbone_args=json.loads(TINY_MAMBAOUT))
     assert torch.equal(logits, expected)
+    assert card_links((tmp_path / "export" / "README.md").read_text()) == {"https://arxiv.org/abs/2405.07992"}
 
 
 def test_pretrained_accepts_an_export_folder_and_a_hub_id(image_folder: Path, tmp_path: Path, monkeypatch) -> None:

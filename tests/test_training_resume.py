@@ -56,6 +56,8 @@ def test_resuming_fit_refuses_other_settings_except_those_that_may_change() -> N
     assert set(RESUME_MAY_CHANGE) == {"pretrained", "compile"}
     checkpoint["hyper_parameters"]["pretrained"] = "imagenet.pth"
     restore_checkpoint(task, checkpoint, "Checkpoint 'a.ckpt'", resuming=True)  # pretrained may change
+    writes_elsewhere = tiny_task(lr=0.002, predict_dir="elsewhere", predict_top_k=2, predict_format="jsonl")
+    restore_checkpoint(writes_elsewhere, checkpoint, "Checkpoint 'a.ckpt'", resuming=True)  # output settings too
     other = tiny_task(lr=0.5)
     with pytest.raises(
         CheckpointMismatchError,

@@ -42,7 +42,7 @@ from mambaout_pl.data import embedded
 from mambaout_pl.data.checks import check_columns, check_not_empty
 from mambaout_pl.data.errors import CorruptImageError, DataError, SplitNotFoundError
 from mambaout_pl.data.resumable import EpochShuffleSampler, ResumableDataLoader, SeededSamples, train_loader_state
-from mambaout_pl.data.sources import AnyDataset, get_split, open_dataset, resolve_builtin
+from mambaout_pl.data.sources import AnyDataset, get_split, open_dataset, open_images, resolve_builtin
 from mambaout_pl.data.workers import init_worker
 
 #: One example (a row of the dataset) and its index -> one sample; raises CorruptImageError when unreadable.
@@ -77,6 +77,9 @@ class BaseDataModule(LightningDataModule):
             ``val_fraction`` of ``train_split`` is held out instead.
         test_split: Split for ``trainer.test`` (labels required).
         predict_split: Split for ``trainer.predict`` (labels optional).
+        predict_images: Images for ``trainer.predict`` instead of ``predict_split``, read without labels: a
+            folder (every image file under it, sub-folders included), a glob, or a list of files. The
+            source above is then not opened to predict (the task's classes come from its checkpoint).
         val_fraction: Fraction of ``train_split`` held out for validation when ``val_split`` is
             missing (0 disables the hold-out).
         seed: Seed of the validation hold-out, of the training order and augmentations (a function
@@ -117,6 +120,7 @@ class BaseDataModule(LightningDataModule):
         val_split: str | None = "validation",
         test_split: str | None = None,
         predict_split: str | None = None,
+        predict_images: str | list[str] | None = None,
         val_fraction: float = 0.1,
         seed: int = 0,
         image_column: str = "image",
@@ -232,21 +236,38 @@ class BaseDataModule(LightningDataModule):
     # -- setup --------------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Write the embedded data or download the Hub data once per node, before ``setup`` runs on every rank."""
-        self.open()
+        """Write the embedded data or download the Hub data once per node, before ``setup`` runs on every rank
+        (only ``predict_images`` when predicting them)."""
+        if self.hparams.predict_images is not None and getattr(self.trainer, "predicting", False):
+            self.open_predict_images()
+        else:
+            self.open()
+
+    def open_predict_images(self) -> Dataset:
+        """``predict_images`` as one split without labels, its images in ``image_column`` (see
+        :func:`~mambaout_pl.data.sources.open_images`)."""
+        hp = self.hparams
+        images = open_images(hp.predict_images, cache_dir=hp.cache_dir)
+        return images if hp.image_column == "image" else images.rename_column("image", hp.image_column)
 
     def setup(self, stage: str | None = None) -> None:
         """Open, check and wrap the splits ``stage`` needs (all configured splits when None)."""
         hp = self.hparams
         if stage in (None, "fit", "validate"):
             self._setup_train_and_val()
+        if stage in (None, "predict") and hp.predict_images is not None:
+            images = self._checked_dataset(self.open_predict_images(), "predict_images", "predict_images", "predict")
+            self.datasets["predict"] = self._wrap(images, "predict_images", "predict")
         for role, example in (("test", "'test' or 'validation'"), ("predict", "'test'")):
             split = hp[f"{role}_split"]
+            if role == "predict" and hp.predict_images is not None:
+                continue
             if stage in (None, role) and split is not None:
                 self.datasets[role] = self._wrap(self._checked(split, f"{role}_split", role), split, role)
             if stage == role and split is None:
                 what = "a test split" if role == "test" else "a split"
-                raise DataError(f"trainer.{role} needs {what}: set `{role}_split` (e.g. {example}).")
+                images = " or `predict_images` to a folder of images" if role == "predict" else ""
+                raise DataError(f"trainer.{role} needs {what}: set `{role}_split` (e.g. {example}){images}.")
 
     def _setup_train_and_val(self) -> None:
         hp = self.hparams
@@ -276,8 +297,11 @@ class BaseDataModule(LightningDataModule):
 
     def _checked(self, split: str, argument: str, role: str) -> AnyDataset:
         """Split ``split`` checked for ``role``, its images left undecoded."""
+        return self._checked_dataset(self.split(split, argument), split, argument, role)
+
+    def _checked_dataset(self, dataset: AnyDataset, split: str, argument: str, role: str) -> AnyDataset:
+        """``dataset`` (split ``split``, set by ``argument``) checked for ``role``, its images left undecoded."""
         hp = self.hparams
-        dataset = self.split(split, argument)
         check_not_empty(dataset, split, argument, path=self.describe_source())
         check_columns(dataset, {"image_column": hp.image_column}, split=split)
         dataset = self.check_split(dataset, split, role)

@@ -34,6 +34,8 @@ class ImageClassificationDataModule(BaseDataModule):
 
     Args:
         label_column: Column holding the integer (or ClassLabel) labels.
+        label_names: Class names in label order; None takes them from the train split (its ClassLabel
+            names, else ``"0"`` up to its largest label). ``predict --ckpt_path`` sets the checkpoint's.
         image_size: Side of the square images in a batch.
         crop_pct: Eval: resize to ``image_size / crop_pct``, then centre crop ``image_size``.
         interpolation: Eval resize interpolation (bilinear, bicubic, ...).
@@ -57,10 +59,13 @@ class ImageClassificationDataModule(BaseDataModule):
     builtin_datasets = (
         frozenset(embedded.BUILTIN_DATASETS) - embedded.SEGMENTATION_DATASETS - embedded.DETECTION_DATASETS
     )
+    # The class names reach the task through the CLI's links; saving them here too would clash.
+    hparams_ignore = ("label_names",)
 
     def __init__(
         self,
         label_column: str = "label",
+        label_names: list[str] | None = None,
         image_size: int = 224,
         crop_pct: float = 0.875,
         interpolation: str = "bicubic",
@@ -79,6 +84,11 @@ class ImageClassificationDataModule(BaseDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if label_names is not None and len(label_names) < 2:
+            raise ValueError(
+                f"label_names={label_names!r} names {len(label_names)} class: a classifier needs at least two."
+            )
+        self._label_names_argument = None if label_names is None else [str(name) for name in label_names]
         if label_column == self.hparams.image_column:
             raise ValueError(
                 f"label_column={label_column!r} is also the image_column: set `label_column` to the column of "
@@ -105,7 +115,9 @@ class ImageClassificationDataModule(BaseDataModule):
         )
 
     def read_label_names(self) -> list[str]:
-        """ClassLabel names of the train split, else ``"0" .. str(largest label)``."""
+        """``label_names``, else the ClassLabel names of the train split, else ``"0" .. str(largest label)``."""
+        if self._label_names_argument is not None:
+            return list(self._label_names_argument)
         hp = self.hparams
         train = self.split(hp.train_split, "train_split")
         folder = self.image_folder()
@@ -154,8 +166,9 @@ class ImageClassificationDataModule(BaseDataModule):
         check_columns(dataset, {"label_column": hp.label_column}, split=split)
         feature = (dataset.features or {}).get(hp.label_column)
         if isinstance(feature, ClassLabel) and list(feature.names) != self.label_names:
+            named = "`label_names` names" if self._label_names_argument is not None else "the train split names"
             raise InvalidLabelError(
-                f"Split {split!r} names its classes {feature.names}, but the train split names them "
+                f"Split {split!r} names its classes {feature.names}, but {named} them "
                 f"{self.label_names}: the same label would mean different classes. Give every split "
                 "the same classes (for an image folder: the same class sub-folders)."
             )

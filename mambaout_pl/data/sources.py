@@ -138,6 +138,45 @@ def open_dataset(
     return get_split(splits, split, argument="split", path=path)
 
 
+def open_images(
+    images: str | os.PathLike | Sequence[str | os.PathLike],
+    cache_dir: str | os.PathLike | None = None,
+    argument: str = "predict_images",
+) -> Dataset:
+    """Image files without labels as one split with an ``image`` column, in path order: every image under a
+    folder (sub-folders included), the files a glob matches, or the files listed.
+
+    ``datasets``' ``imagefolder`` builder reads them with ``drop_labels``, so neither sub-folder nor file
+    names make classes or splits of them.
+    """
+    items = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+    patterns = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            patterns.append(str(path / "**"))
+        elif path.is_file() or any(char in str(item) for char in "*?["):
+            patterns.append(str(path))
+        else:
+            raise DataNotFoundError(
+                f"{argument}: {str(item)!r} is neither a folder, an image file nor a glob ({path.resolve()} does not "
+                f"exist). Set `{argument}` to the folder of images to predict."
+            )
+    try:
+        return datasets.load_dataset(
+            "imagefolder",
+            data_files={"predict": patterns},
+            drop_labels=True,
+            split="predict",
+            cache_dir=None if cache_dir is None else str(cache_dir),
+        )
+    except (FileNotFoundError, ValueError) as error:  # ValueError: no file matched
+        raise DataNotFoundError(
+            f"{argument} = {images!r} holds no image files that `datasets` reads ({', '.join(patterns)}: {error}). "
+            f"Set `{argument}` to a folder of images (.png, .jpg, ...), a glob, or a list of image files."
+        ) from error
+
+
 def get_split(splits: Mapping[str, AnyDataset], split: str, argument: str, path: str = "") -> AnyDataset:
     """Return ``splits[split]``, or raise naming the available splits and the ``argument`` to set."""
     if split in splits:

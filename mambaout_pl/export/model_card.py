@@ -11,11 +11,16 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
+from timm.models import get_pretrained_cfg
 from torch.utils.flop_counter import FlopCounterMode
 
 from mambaout_pl import __version__
 from mambaout_pl.export.spec import ExportSpec
 from mambaout_pl.training.resume import CHECKPOINT_KEY
+
+#: Links the card gives, each to a page that exists: the paper, timm's documentation.
+PAPER_URL = "https://arxiv.org/abs/2405.07992"
+TIMM_DOCS_URL = "https://huggingface.co/docs/timm"
 
 CITATION = """@inproceedings{yu2025mambaout,
   title={MambaOut: Do We Really Need Mamba for Vision?},
@@ -53,6 +58,10 @@ def model_card(
     metric_rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items())) or "| - | - |"
     recipe = _recipe_text(checkpoint, checkpoint_path)
     name = spec.model_name
+    format_text = f"{export_format} (`config.json` + `model.safetensors`)"
+    if export_format == "timm":
+        format_text += f", loaded by [timm]({TIMM_DOCS_URL})"
+    timm_page = _timm_weights_line(name, spec.model_args)
     if export_format == "timm":
         usage = (
             "```python\nimport timm\n\n"
@@ -68,7 +77,7 @@ def model_card(
     body = f"""
 # {name} ({pipeline})
 
-Trained with [mambaout-pl](https://pypi.org/project/mambaout-pl/) {__version__}: task
+Trained with mambaout-pl {__version__}: task
 `{checkpoint[CHECKPOINT_KEY]["task"]}`, {checkpoint.get("epoch", 0) + 1} epochs, {checkpoint.get("global_step", 0)} optimizer steps.
 
 ## Model
@@ -76,8 +85,8 @@ Trained with [mambaout-pl](https://pypi.org/project/mambaout-pl/) {__version__}:
 - Network: `{name}` with arguments `{json.dumps(spec.model_args)}`
 - Parameters: {parameters / 1e6:.2f} M
 - GMACs at {size_text}: {f"{gmacs:.2f}" if gmacs is not None else "not measured"}
-- Format: {export_format} (`config.json` + `model.safetensors`)
-
+- Format: {format_text}
+{timm_page}
 ## Dataset
 
 `{dataset}`{f", {len(spec.label_names)} classes" if spec.label_names else ""}
@@ -103,11 +112,28 @@ Apache-2.0.
 
 ## Citation
 
+MambaOut: Do We Really Need Mamba for Vision? ([arXiv:2405.07992]({PAPER_URL}))
+
 ```bibtex
 {CITATION}
 ```
 """
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
+
+
+def _timm_weights_line(model_name: str, model_args: dict[str, Any]) -> str:
+    """A list item linking timm's own Hub weights of the network (or its backbone), where timm has some; else ''."""
+    for name in (model_name, model_args.get("backbone")):
+        if not isinstance(name, str):
+            continue
+        try:
+            hub_id = getattr(get_pretrained_cfg(name), "hf_hub_id", None)
+        except (RuntimeError, ValueError):  # a tag timm does not know
+            hub_id = None
+        if hub_id:
+            what = "this architecture" if name == model_name else f"the backbone `{name}`"
+            return f"- timm's own weights of {what}: [{hub_id}](https://huggingface.co/{hub_id})\n"
+    return ""
 
 
 def _looks_like_hub_id(path: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, EMAWeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
@@ -90,6 +91,9 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
     #: The logged value that decides which checkpoint is best, and in which direction.
     monitor: str = "val/loss"
     mode: str = "min"
+    #: Constructor arguments that say where and how a run writes its predictions, not what the network
+    #: is: a checkpoint's values never replace the run's own (``predict --ckpt_path``, a resumed ``fit``).
+    output_settings: tuple[str, ...] = ()
 
     model: nn.Module
 
@@ -136,9 +140,32 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
         """Build the torchmetrics collections."""
 
     def setup(self, stage: str) -> None:
-        """Refuse a ``fit`` that would train nothing."""
+        """Refuse a ``fit`` that would train nothing; give the model summary an input of the training data's size."""
         if stage == "fit":
             check_trains(self.trainer)
+            if self._example_input_array is None:
+                data_hparams = getattr(getattr(self.trainer, "datamodule", None), "hparams", None)
+                self.example_input_array = self.example_input(data_hparams or {})
+
+    def example_input(self, data_hparams: Mapping[str, Any]) -> Any:
+        """One input for ``forward`` of the size the data module's saved hyper-parameters give, on which
+        Lightning's model summary counts the FLOPs; None when they do not say."""
+        return None
+
+    @property
+    def example_input_array(self) -> Any:
+        """:meth:`example_input` (or an input set here) in the weights' dtype: true half precision converts
+        the weights before the model summary runs, not this input."""
+        dtype = self.dtype
+        return apply_to_collection(
+            self._example_input_array,
+            torch.Tensor,
+            lambda tensor: tensor.to(dtype) if tensor.is_floating_point() else tensor,
+        )
+
+    @example_input_array.setter
+    def example_input_array(self, example: Any) -> None:
+        self._example_input_array = example
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (or any timm optimizer) with per-update warm-up and decay from ``timm.scheduler``."""
@@ -208,8 +235,9 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
         if not any(isinstance(callback, BasePredictionWriter) for callback in self.trainer.callbacks):
             rank_zero_warn(
                 f"{type(self).__name__}: no prediction writer is set, so trainer.predict only returns the "
-                "predictions (the `mambaout predict` command discards them). Set `model.predict_dir` to a folder "
-                "inside trainer.default_root_dir to write them."
+                "predictions (the `mambaout predict` command discards them). Return a "
+                "lightning.pytorch.callbacks.BasePredictionWriter from the task's configure_callbacks, or add one "
+                "to trainer.callbacks, to write them."
             )
 
     def configure_callbacks(self) -> list[Callback]:
@@ -256,6 +284,12 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
         if isinstance(batch, (list, tuple)):
             return batch[0], batch[1] if len(batch) > 1 else None
         return batch, None
+
+
+def image_batch(size: int | Sequence[int], channels: int = 3) -> torch.Tensor:
+    """One zero image ``[1, channels, H, W]`` of side ``size`` (an int) or ``(H, W)``."""
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return torch.zeros(1, channels, int(height), int(width))
 
 
 def check_trains(trainer: Any) -> None:

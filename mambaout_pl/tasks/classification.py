@@ -18,8 +18,8 @@ from mambaout_pl.data.batches import ClassificationBatch
 from mambaout_pl.export.spec import ExportSpec, preprocessing_config
 from mambaout_pl.models import create_model
 from mambaout_pl.tasks.arguments import check_drop_path_rate
-from mambaout_pl.tasks.base import BaseTask
-from mambaout_pl.tasks.classification_outputs import ClassificationPredictionWriter
+from mambaout_pl.tasks.base import BaseTask, image_batch
+from mambaout_pl.tasks.classification_outputs import PREDICTION_FORMATS, ClassificationPredictionWriter
 
 
 class ClassificationTask(BaseTask):
@@ -46,15 +46,18 @@ class ClassificationTask(BaseTask):
         label_smoothing: label smoothing of the training targets.
         channels_last: run the network in channels-last memory format.
         compile: compile the network with ``torch.compile``.
-        predict_dir: folder where ``trainer.predict`` writes ``predictions.csv`` (row, file, class index,
-            class name, probability per image; see ``ClassificationPredictionWriter``); ``None``:
-            predictions are only returned.
+        predict_dir: folder where ``trainer.predict`` writes its predictions (one row per image: its row,
+            its file, and its ``predict_top_k`` classes with their names and probabilities; see
+            ``ClassificationPredictionWriter``); ``None``: ``<trainer.log_dir>/predict``, the run's folder.
+        predict_top_k: classes written per image, most probable first (at most ``num_classes``).
+        predict_format: ``"csv"`` (``predictions.csv``) or ``"jsonl"`` (``predictions.jsonl``, JSON Lines).
         **kwargs: the optimizer, schedule, EMA and non-finite-loss settings of :class:`BaseTask`,
             with its defaults.
     """
 
     monitor = "val/top1"
     mode = "max"
+    output_settings = ("predict_dir", "predict_top_k", "predict_format")
 
     def __init__(
         self,
@@ -73,9 +76,12 @@ class ClassificationTask(BaseTask):
         channels_last: bool = False,
         compile: bool = False,
         predict_dir: str | None = None,
+        predict_top_k: int = 5,
+        predict_format: str = "csv",
         **kwargs: Any,
     ) -> None:
         check_drop_path_rate(drop_path_rate)
+        check_prediction_output(predict_top_k, predict_format)
         if label_names is not None and len(label_names) != num_classes:
             raise ValueError(
                 f"label_names has {len(label_names)} names but num_classes is {num_classes}; "
@@ -111,11 +117,21 @@ class ClassificationTask(BaseTask):
             dataset=(data_hparams or {}).get("path"),
         )
 
+    def example_input(self, data_hparams: Mapping[str, Any]) -> torch.Tensor | None:
+        """One image of the data's ``image_size`` (else the network's default input size)."""
+        channels = (self.hparams.backbone_args or {}).get("in_chans", 3)
+        size = data_hparams.get("image_size")
+        if size is None:
+            input_size = (getattr(self.model, "pretrained_cfg", None) or {}).get("input_size")
+            size = None if input_size is None else tuple(input_size[-2:])
+        return None if size is None else image_batch(size, channels)
+
     def configure_callbacks(self) -> list[Callback]:
-        callbacks = super().configure_callbacks()
-        if self.hparams.predict_dir is not None:
-            callbacks.append(ClassificationPredictionWriter(self.hparams.predict_dir))
-        return callbacks
+        hparams = self.hparams
+        writer = ClassificationPredictionWriter(
+            hparams.predict_dir, hparams.predict_top_k, hparams.predict_format, hparams.label_names
+        )
+        return [*super().configure_callbacks(), writer]
 
     def setup(self, stage: str) -> None:
         """Refuse Mixup/CutMix with batches it cannot pair (odd sizes, or a smaller last batch)."""
@@ -196,6 +212,16 @@ class ClassificationTask(BaseTask):
         names = self.hparams.label_names
         label_name = [names[i] if names else str(i) for i in class_index.tolist()]
         return {"class_index": class_index, "probabilities": probabilities, "label_name": label_name}
+
+
+def check_prediction_output(top_k: int, file_format: str) -> None:
+    """Raise naming ``predict_top_k`` or ``predict_format`` when the writer could not honour it."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"predict_top_k={top_k!r} must be a whole number of classes, at least 1.")
+    if file_format not in PREDICTION_FORMATS:
+        raise ValueError(
+            f"predict_format={file_format!r} is not a predictions format: use one of {', '.join(PREDICTION_FORMATS)}."
+        )
 
 
 def check_mixup_batches(datamodule: Any, world_size: int = 1) -> None:

@@ -1,40 +1,86 @@
-"""What a classification task writes: one CSV row per predicted image."""
+"""What a classification task writes: one row per predicted image, its top-k classes, as CSV or JSON Lines."""
 
 from __future__ import annotations
 
 import csv
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
 
-#: Columns of the predictions file.
+from mambaout_pl.training.atomic import naming_target
+from mambaout_pl.training.run_folders import check_new_output, prediction_folder
+
+#: Formats of the predictions file.
+PREDICTION_FORMATS = ("csv", "jsonl")
+#: Columns of the top-1 class; ranks 2..k follow as ``class_index_2, label_name_2, probability_2, ...``.
 PREDICTION_COLUMNS = ("index", "file", "class_index", "label_name", "probability")
 
 
-class ClassificationPredictionWriter(BasePredictionWriter):
-    """Write ``trainer.predict``'s classes to ``output_dir/predictions.csv`` (``predictions-rank<r>.csv`` per process).
+def prediction_columns(top_k: int) -> list[str]:
+    """The CSV header for ``top_k`` classes per row."""
+    columns = list(PREDICTION_COLUMNS)
+    for rank in range(2, top_k + 1):
+        columns += [f"class_index_{rank}", f"label_name_{rank}", f"probability_{rank}"]
+    return columns
 
-    One row per image, in prediction order: its row in the predict split, its file (empty when the
-    data holds no path), the predicted class index and name, and that class's probability.
+
+class ClassificationPredictionWriter(BasePredictionWriter):
+    """Write ``trainer.predict``'s classes to ``predictions.csv`` or ``predictions.jsonl`` (``predictions-rank<r>.*``
+    per process under DDP).
+
+    One row per image, in prediction order: its row in the predict data (``index``), its file (empty
+    when the data holds no path), then its ``top_k`` most probable classes, most probable first: class
+    index, class name and probability. CSV puts the top class in ``class_index``, ``label_name`` and
+    ``probability`` and the next ones in columns suffixed ``_2`` .. ``_k``; JSON Lines gives each of
+    these keys a list of ``top_k`` values.
+
+    ``output_dir`` ``None``: ``<trainer.log_dir>/predict``, the run's version folder. An existing
+    predictions file is never overwritten (:class:`~mambaout_pl.errors.OutputExistsError`).
     """
 
-    def __init__(self, output_dir: str | Path) -> None:
+    def __init__(
+        self,
+        output_dir: str | Path | None = None,
+        top_k: int = 5,
+        file_format: str = "csv",
+        label_names: Sequence[str] | None = None,
+    ) -> None:
         super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
+        if file_format not in PREDICTION_FORMATS:
+            raise ValueError(f"file_format={file_format!r} must be one of {PREDICTION_FORMATS}.")
+        if top_k < 1:
+            raise ValueError(f"top_k={top_k} must be at least 1.")
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.top_k = top_k
+        self.file_format = file_format
+        self.label_names = None if label_names is None else list(label_names)
+        self.file: Path | None = None  # the file this process writes, once predicting
         self._written = 0
 
     def path(self, trainer: Trainer) -> Path:
-        """The CSV file this process writes."""
-        name = "predictions.csv" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.csv"
-        return self.output_dir / name
+        """The file this process writes (every process must call it: it asks for the run's folder)."""
+        stem = "predictions" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}"
+        return prediction_folder(trainer, self.output_dir) / f"{stem}.{self.file_format}"
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with self.path(trainer).open("w", newline="") as file:
-            csv.writer(file).writerow(PREDICTION_COLUMNS)
+        self.file = self.path(trainer)
+        check_new_output(self.file)
+        with naming_target(self.file):
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            with self.file.open("x", newline="") as file:
+                if self.file_format == "csv":
+                    csv.writer(file).writerow(prediction_columns(self._top_k(pl_module)))
         self._written = 0
+
+    def _top_k(self, pl_module: LightningModule) -> int:
+        num_classes = getattr(pl_module, "hparams", {}).get("num_classes")
+        return min(self.top_k, num_classes) if num_classes else self.top_k
 
     def write_on_batch_end(
         self,
@@ -46,14 +92,40 @@ class ClassificationPredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        class_index = prediction["class_index"].tolist()
-        probability = prediction["probabilities"].gather(1, prediction["class_index"][:, None])[:, 0].tolist()
-        indices = list(batch_indices) if batch_indices else range(self._written, self._written + len(class_index))
-        files = batch.get("file") if isinstance(batch, dict) else None
-        with self.path(trainer).open("a", newline="") as file:
-            writer = csv.writer(file)
-            for position, (index, label, name, score) in enumerate(
-                zip(indices, class_index, prediction["label_name"], probability, strict=True)
+        probabilities = prediction["probabilities"].float()
+        top_k = min(self._top_k(pl_module), probabilities.shape[-1])
+        scores, classes = torch.topk(probabilities, top_k, dim=-1)
+        count = len(classes)
+        indices = list(batch_indices) if batch_indices else range(self._written, self._written + count)
+        files = (batch.get("file") if isinstance(batch, dict) else None) or [""] * count
+        names = self.label_names
+        with naming_target(self.file), self.file.open("a", newline="") as file:
+            writer = csv.writer(file) if self.file_format == "csv" else None
+            for index, path, row_classes, row_scores in zip(
+                indices, files, classes.tolist(), scores.tolist(), strict=True
             ):
-                writer.writerow([index, files[position] if files else "", label, name, f"{score:.6f}"])
-        self._written += len(class_index)
+                row_names = [names[label] if names else str(label) for label in row_classes]
+                row_scores = [round(score, 6) for score in row_scores]
+                if writer is None:
+                    record = {
+                        "index": int(index),
+                        "file": path,
+                        "class_index": row_classes,
+                        "label_name": row_names,
+                        "probability": row_scores,
+                    }
+                    file.write(json.dumps(record) + "\n")
+                    continue
+                row: list[Any] = [int(index), path]
+                for label, name, score in zip(row_classes, row_names, row_scores, strict=True):
+                    row += [label, name, f"{score:.6f}"]
+                writer.writerow(row)
+        self._written += count
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.world_size == 1:
+            rank_zero_info(f"Predictions of {self._written} images written to {self.file}")
+        else:
+            rank_zero_info(
+                f"Predictions written to {self.file.parent}/predictions-rank*.{self.file_format}, one per process"
+            )

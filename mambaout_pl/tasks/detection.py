@@ -12,7 +12,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from mambaout_pl.data.batches import DetectionBatch, DetectionTarget
 from mambaout_pl.export.spec import ExportSpec
 from mambaout_pl.models.detector import RCNNDetector
-from mambaout_pl.tasks.base import BaseTask
+from mambaout_pl.tasks.base import BaseTask, image_batch
 from mambaout_pl.tasks.detection_metrics import coco_scores, detection_metric, metric_predictions, metric_targets
 from mambaout_pl.tasks.detection_outputs import (
     DetectionResultsWriter,
@@ -71,7 +71,7 @@ class ObjectDetectionTask(ValidationPictures, BaseTask):
         map_backend: the COCO evaluation code: ``"faster_coco_eval"`` or ``"pycocotools"``.
         num_val_images: validation images shown as truth | prediction pictures (0: none).
         predict_dir: folder where ``trainer.predict`` writes ``results.json`` and ``pictures/``
-            (``None``: ``<trainer.default_root_dir>/predict``).
+            (``None``: ``<trainer.log_dir>/predict``, the run's folder).
         num_predict_pictures: images drawn with their detections by ``trainer.predict``.
         score_threshold: lowest score of a detection drawn in pictures (all are scored and written).
         lr: peak learning rate.
@@ -87,6 +87,7 @@ class ObjectDetectionTask(ValidationPictures, BaseTask):
 
     monitor = "val/bbox_mAP"
     mode = "max"
+    output_settings = ("predict_dir", "num_predict_pictures", "score_threshold")
     #: Train and evaluate instance masks (Mask R-CNN).
     masks: bool = False
 
@@ -183,6 +184,11 @@ class ObjectDetectionTask(ValidationPictures, BaseTask):
             hparams.predict_dir, hparams.num_predict_pictures, hparams.label_names, hparams.score_threshold
         )
         return [*callbacks, writer]
+
+    def example_input(self, data_hparams: Mapping[str, Any]) -> tuple[list[torch.Tensor]] | None:
+        """One image as large as the detector's own resize leaves it: ``min_size`` x ``max_size``."""
+        channels = (self.hparams.backbone_args or {}).get("in_chans", 3)
+        return ([image_batch((self.hparams.min_size, self.hparams.max_size), channels)[0]],)
 
     def export_spec(self, data_hparams: Mapping[str, Any] | None = None) -> ExportSpec:
         """mambaout-pl's format: the ``RCNNDetector`` and the arguments of its ``config``."""

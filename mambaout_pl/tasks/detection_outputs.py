@@ -13,11 +13,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
 from pycocotools import mask as mask_utils
 from torchvision.transforms.v2.functional import to_pil_image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from mambaout_pl.tasks.segmentation_outputs import palette
+from mambaout_pl.training.atomic import atomic_write
+from mambaout_pl.training.run_folders import check_new_output, prediction_folder
 
 __all__ = [
     "DetectionResultsWriter",
@@ -164,7 +167,8 @@ class DetectionResultsWriter(BasePredictionWriter):
     what COCO's evaluation server takes), and the first ``num_pictures`` images with their detections
     drawn to ``output_dir/pictures/<image_id>.png``.
 
-    ``output_dir`` ``None``: ``<trainer.default_root_dir>/predict``. Each prediction is
+    ``output_dir`` ``None``: ``<trainer.log_dir>/predict``, the run's version folder; an earlier
+    ``results.json`` or picture is never overwritten (:class:`~mambaout_pl.errors.OutputExistsError`). Each prediction is
     ``{"image_id": [...], "results": [[COCO result, ...], ...]}`` per batch (see
     ``ObjectDetectionTask.predict_step``); pictures are drawn on the batch's images, with the
     ``label_names`` of labels 1..K (of the data module's ``category_ids`` when it has them). Under DDP the
@@ -184,14 +188,13 @@ class DetectionResultsWriter(BasePredictionWriter):
         self.label_names = label_names
         self.score_threshold = score_threshold
         self.names: dict[int, str] = {}
+        self.folder: Path | None = None  # the folder written to, once predicting
         self._results: list[dict[str, Any]] = []
         self._pictures_written = 0
 
-    def folder(self, trainer: Trainer) -> Path:
-        """The folder written to."""
-        return self.output_dir if self.output_dir is not None else Path(trainer.default_root_dir) / "predict"
-
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.folder = prediction_folder(trainer, self.output_dir)
+        check_new_output(self.folder / "results.json")
         self._results = []
         self._pictures_written = 0
         self.names = label_names_of(self.label_names, dataset_category_ids(trainer))
@@ -206,15 +209,15 @@ class DetectionResultsWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        folder = self.folder(trainer)
         for index, (image_id, results) in enumerate(zip(prediction["image_id"], prediction["results"], strict=True)):
             self._results.extend(results)
             if trainer.is_global_zero and self._pictures_written < self.num_pictures:
                 image = batch["images"][index]
                 objects = objects_from_results(results, *image.shape[-2:])
-                picture = draw_detections(image, objects, self.names, self.score_threshold)
-                (folder / "pictures").mkdir(parents=True, exist_ok=True)
-                to_pil_image(picture).save(folder / "pictures" / f"{image_id}.png")
+                picture = to_pil_image(draw_detections(image, objects, self.names, self.score_threshold))
+                path = self.folder / "pictures" / f"{image_id}.png"
+                check_new_output(path)
+                atomic_write(path, lambda file, picture=picture: picture.save(file, format="PNG"))
                 self._pictures_written += 1
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -224,7 +227,7 @@ class DetectionResultsWriter(BasePredictionWriter):
             dist.all_gather_object(gathered, results)
             results = [result for part in gathered for result in part]
         if trainer.is_global_zero:
-            folder = self.folder(trainer)
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "results.json").write_text(json.dumps(results))
+            path = self.folder / "results.json"
+            atomic_write(path, lambda file: file.write(json.dumps(results).encode()))
+            rank_zero_info(f"COCO results ({len(results)} detections) written to {path}")
         self._results = []

@@ -18,7 +18,7 @@ from mambaout_pl.models.inference import INFERENCE_MODES, segment
 from mambaout_pl.models.segmentor import DECODE_HEADS, UperNetSegmentor
 from mambaout_pl.models.upernet import resize
 from mambaout_pl.tasks.arguments import check_drop_path_rate
-from mambaout_pl.tasks.base import BaseTask
+from mambaout_pl.tasks.base import BaseTask, image_batch
 from mambaout_pl.tasks.segmentation_metrics import confusion_scores, segmentation_metrics
 from mambaout_pl.tasks.segmentation_outputs import SegmentationMaskWriter, overlay_panel
 from mambaout_pl.tasks.validation_pictures import ValidationPictures
@@ -69,14 +69,16 @@ class SegmentationTask(ValidationPictures, BaseTask):
             module already rescaled to its evaluation scale.
         test_flip: also predict on horizontally flipped images and average.
         num_val_images: validation images shown as image | truth | prediction pictures (0: none).
-        predict_dir: folder where ``trainer.predict`` writes one palette PNG per image
-            (pixel value = class index); ``None``: predictions are only returned.
+        predict_dir: folder where ``trainer.predict`` writes one palette PNG per image, named after the
+            image's file (pixel value = class index, at the image's size); ``None``:
+            ``<trainer.log_dir>/predict``, the run's folder.
         **kwargs: the other optimizer, schedule, EMA and non-finite-loss settings of
             :class:`BaseTask`, with its defaults; the ones above differ from them.
     """
 
     monitor = "val/mIoU"
     mode = "max"
+    output_settings = ("predict_dir",)
 
     def __init__(
         self,
@@ -182,10 +184,13 @@ class SegmentationTask(ValidationPictures, BaseTask):
         self.test_metrics = segmentation_metrics(num_classes, ignore_index, prefix="test/")
 
     def configure_callbacks(self) -> list[Callback]:
-        callbacks = super().configure_callbacks()
-        if self.hparams.predict_dir is not None:
-            callbacks.append(SegmentationMaskWriter(self.hparams.predict_dir))
-        return callbacks
+        return [*super().configure_callbacks(), SegmentationMaskWriter(self.hparams.predict_dir)]
+
+    def example_input(self, data_hparams: Mapping[str, Any]) -> torch.Tensor | None:
+        """One image of the data's training ``crop_size``."""
+        size = data_hparams.get("crop_size")
+        channels = (self.hparams.backbone_args or {}).get("in_chans", 3)
+        return None if size is None else image_batch(size, channels)
 
     # -- training -----------------------------------------------------------------------------
 

@@ -10,7 +10,12 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
+
+from mambaout_pl.errors import OutputExistsError
+from mambaout_pl.training.atomic import atomic_write
+from mambaout_pl.training.run_folders import check_new_output, prediction_folder
 
 
 def palette(num_colours: int = 256) -> np.ndarray:
@@ -70,22 +75,37 @@ def overlay_panel(
 
 
 def write_label_png(path: str | Path, labels: torch.Tensor | np.ndarray) -> None:
-    """Write a label map as a palette PNG (pixel value = class index, coloured); 16-bit grey above 255 classes."""
+    """Write a label map as a palette PNG (pixel value = class index, coloured; 16-bit grey above 255 classes),
+    never half-written."""
     labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if labels.max(initial=0) > 255:
-        Image.fromarray(labels.astype(np.uint16)).save(path)
-        return
-    image = Image.fromarray(labels.astype(np.uint8), mode="P")
-    image.putpalette(palette(256).ravel().tolist())
-    image.save(path)
+        image = Image.fromarray(labels.astype(np.uint16))
+    else:
+        image = Image.fromarray(labels.astype(np.uint8), mode="P")
+        image.putpalette(palette(256).ravel().tolist())
+    atomic_write(Path(path), lambda file: image.save(file, format="PNG"))
 
 
 class SegmentationMaskWriter(BasePredictionWriter):
-    """Write each prediction of ``trainer.predict`` to ``output_dir/<name>.png`` (see :func:`write_label_png`)."""
+    """Write each prediction of ``trainer.predict`` to ``output_dir/<name>.png`` (see :func:`write_label_png`),
+    ``<name>`` being the image's file name without its extension (or its row).
 
-    def __init__(self, output_dir: str | Path) -> None:
+    ``output_dir`` ``None``: ``<trainer.log_dir>/predict``, the run's version folder. A mask file that
+    exists already, an earlier run's or one of another image with the same name, is never overwritten
+    (:class:`~mambaout_pl.errors.OutputExistsError`).
+    """
+
+    def __init__(self, output_dir: str | Path | None = None) -> None:
         super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.folder: Path | None = None  # the folder written to, once predicting
+        self._written = 0
+        self._names: set[str] = set()  # mask names this run has written
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.folder = prediction_folder(trainer, self.output_dir)
+        self._written = 0
+        self._names = set()
 
     def write_on_batch_end(
         self,
@@ -97,6 +117,19 @@ class SegmentationMaskWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        for name, labels in zip(prediction["name"], prediction["prediction"]):
-            write_label_png(self.output_dir / f"{name}.png", labels)
+        for name, labels in zip(prediction["name"], prediction["prediction"], strict=True):
+            path = self.folder / f"{name}.png"
+            if name in self._names:
+                raise OutputExistsError(
+                    f"Two images to predict are named {name!r} (their file names without extension), so both masks "
+                    f"would be '{path}', and the second would overwrite the first. Rename one of them, or predict "
+                    "them separately."
+                )
+            check_new_output(path)
+            self._names.add(name)
+            write_label_png(path, labels)
+            self._written += 1
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        count = f"{self._written} label maps" if trainer.world_size == 1 else "Label maps"
+        rank_zero_info(f"{count} written to {self.folder}")

@@ -4,6 +4,7 @@ from mambaout_pl.errors import (
     CheckpointError,
     CheckpointMismatchError,
     NonFiniteLossError,
+    OutputExistsError,
     OutputPathError,
     OutputWriteError,
     UnsafeCheckpointError,
@@ -33,7 +34,12 @@ from mambaout_pl.training.resume import (
     rng_states,
     set_rng_states,
 )
-from mambaout_pl.training.run_folders import check_output_paths, reserve_log_versions
+from mambaout_pl.training.run_folders import (
+    check_new_output,
+    check_output_paths,
+    prediction_folder,
+    reserve_log_versions,
+)
 
 __all__ = [
     "CHECKPOINT_KEY",
@@ -46,6 +52,7 @@ __all__ = [
     "ModelCheckpoint",
     "NonFiniteLossError",
     "NonFiniteLossMixin",
+    "OutputExistsError",
     "OutputPathError",
     "OutputWriteError",
     "PreemptionCheckpoint",
@@ -54,11 +61,13 @@ __all__ = [
     "atomic_torch_save",
     "atomic_write",
     "check_checkpoint_fits",
+    "check_new_output",
     "check_output_paths",
     "differing_hyperparameters",
     "find_last_checkpoint",
     "last_checkpoint_candidates",
     "last_checkpoint_folders",
+    "prediction_folder",
     "read_checkpoint",
     "reserve_log_versions",
     "rng_states",

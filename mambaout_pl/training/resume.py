@@ -50,12 +50,12 @@ def mark_checkpoint(task: LightningModule, checkpoint: dict[str, Any]) -> None:
 
 def restore_checkpoint(task: LightningModule, checkpoint: dict[str, Any], where: str, resuming: bool) -> None:
     """Refuse a checkpoint that does not fit ``task``; when ``resuming`` a ``fit``, also one with other
-    settings (except :data:`RESUME_MAY_CHANGE`), then restore the random generators."""
+    settings (except :data:`RESUME_MAY_CHANGE` and the task's ``output_settings``), then restore the random generators."""
     check_checkpoint_fits(task, checkpoint, where)
     if not resuming:
         return
     differing = differing_hyperparameters(checkpoint.get("hyper_parameters", {}), dict(task.hparams))
-    for name in RESUME_MAY_CHANGE:
+    for name in (*RESUME_MAY_CHANGE, *getattr(task, "output_settings", ())):
         differing.pop(name, None)
     if differing:
         raise CheckpointMismatchError(

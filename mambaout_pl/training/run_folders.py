@@ -6,6 +6,8 @@
 - :func:`reserve_log_versions` creates the next ``version_N`` folder of each TensorBoard or CSV
   logger with one ``mkdir``, which fails for all but one process, so that runs started together in
   one root each get their own folder (Lightning only lists the folders that exist).
+- :func:`prediction_folder` is where prediction writers write by default: the run's own version
+  folder, beside its ``config.yaml``; :func:`check_new_output` refuses to overwrite an earlier file.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpo
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from mambaout_pl.errors import OutputPathError
+from mambaout_pl.errors import OutputExistsError, OutputPathError
 from mambaout_pl.training.atomic import naming_target
 
 #: Attributes of a prediction writer that name the folder or file it writes to.
@@ -76,6 +78,24 @@ def output_paths(trainer: Trainer, model: Any = None) -> Iterator[tuple[str, Any
     predict_dir = (getattr(model, "hparams", None) or {}).get("predict_dir")
     if predict_dir:
         yield "model.predict_dir", predict_dir, Path(predict_dir)
+
+
+def prediction_folder(trainer: Trainer, output_dir: str | os.PathLike | None) -> Path:
+    """``output_dir``, else ``<trainer.log_dir>/predict``: the run's version folder (``default_root_dir``
+    without a logger). Call it on every process: Lightning broadcasts ``log_dir`` from rank zero."""
+    log_dir = trainer.log_dir  # collective: every rank asks
+    if output_dir is not None:
+        return Path(output_dir)
+    return Path(log_dir or trainer.default_root_dir) / "predict"
+
+
+def check_new_output(path: Path, key: str = "model.predict_dir") -> None:
+    """Raise :class:`OutputExistsError` if ``path`` exists: a run never overwrites an earlier run's file."""
+    if path.exists() or path.is_symlink():
+        raise OutputExistsError(
+            f"'{path}' exists already (written by an earlier run?) and a run never overwrites a file. Move it "
+            f"away, or set `{key}` to another folder (unset, each run writes into its own version folder)."
+        )
 
 
 def reserve_log_versions(trainer: Trainer) -> None:
