@@ -77,6 +77,7 @@ class SegmentationTask(ValidationPictures, BaseTask):
 
     monitor = "val/mIoU"
     mode = "max"
+    network_forward_methods = ("forward_heads",)
 
     def __init__(
         self,
