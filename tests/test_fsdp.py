@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -305,8 +306,9 @@ def recorder(folder: Path) -> str:
     )
 
 
-def run_mambaout(*args: str) -> str:
-    """Run `python -m mambaout_pl ARGS` in its own process group; returns its output, fails the test if it fails."""
+def run_mambaout(*args: str, stop_at: Path | None = None) -> str:
+    """Run `python -m mambaout_pl ARGS` in its own process group; returns its output, fails the test if it
+    fails. ``stop_at``: send SIGTERM once this file exists, and expect the exit status of a pre-emption."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -320,38 +322,45 @@ def run_mambaout(*args: str) -> str:
         env=env,
         start_new_session=True,
     )
+    deadline = time.monotonic() + 400  # only a guard: a rank waiting for the other hangs
+    if stop_at is not None:
+        while not stop_at.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
     try:
-        output, _ = process.communicate(timeout=400)  # only a guard: a rank waiting for the other hangs
+        output, _ = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
         pytest.fail(f"`{' '.join(args)}` hung:\n{output[-3000:]}")
-    assert process.returncode == 0, output[-5000:]
+    assert process.returncode == (0 if stop_at is None else 128 + signal.SIGTERM), output[-5000:]
     return output
 
 
-def fit(root: Path, images: Path, *extra: str) -> dict[int, dict[str, Any]]:
-    """`mambaout fit` of the quick start on 2 CPU processes: 3 epochs of 2 batches of 2 images per rank,
-    every checkpoint kept; each validation evaluates the 11 images once (6 and 5 batches of 1).
-    Returns each rank's losses by global step and the final metrics."""
-    record = root / "record"
-    run_mambaout(
-        *tiny_fit_args(
-            root,
-            images,
-            "--trainer.devices=2",
-            f"--trainer.max_epochs={STEPS // 2}",
-            "--trainer.limit_train_batches=2",
-            "--trainer.limit_val_batches=1.0",
-            "--data.eval_batch_size=1",
-            "--model.drop_path_rate=0.1",
-            "--latest_checkpoint.every_n_train_steps=1",
-            "--latest_checkpoint.save_top_k=-1",
-            recorder(record),
-            *extra,
-        )
+def fit_args(root: Path, images: Path, *extra: str) -> list[str]:
+    """`fit` of the quick start on 2 CPU processes: 3 epochs of 2 batches of 2 images per rank, every
+    checkpoint kept; each validation evaluates the 11 images once (6 and 5 batches of 1); each rank's
+    losses and the final metrics recorded in ``root/record``."""
+    return tiny_fit_args(
+        root,
+        images,
+        "--trainer.devices=2",
+        f"--trainer.max_epochs={STEPS // 2}",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1.0",
+        "--data.eval_batch_size=1",
+        "--model.drop_path_rate=0.1",
+        "--latest_checkpoint.every_n_train_steps=1",
+        "--latest_checkpoint.save_top_k=-1",
+        recorder(root / "record"),
+        *extra,
     )
-    ranks = {rank: json.loads((record / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+
+
+def fit(root: Path, images: Path, *extra: str) -> dict[int, dict[str, Any]]:
+    """Run :func:`fit_args`; returns each rank's losses by global step and the final metrics."""
+    run_mambaout(*fit_args(root, images, *extra))
+    ranks = {rank: json.loads((root / "record" / f"rank{rank}.json").read_text()) for rank in (0, 1)}
     for data in ranks.values():
         data["losses"] = {int(step): loss for step, loss in data["losses"].items()}
     return ranks
@@ -484,3 +493,28 @@ def test_one_process_validates_a_checkpoint_folder_two_processes_wrote(runs: dic
     final = runs["sharded"][0]["metrics"]
     for name in ("val/loss", "val/top1"):
         assert validated["metrics"][name] == pytest.approx(final[name], rel=1e-5), name
+
+
+@pytest.mark.slow
+def test_a_preempted_sharded_run_writes_a_new_folder_and_keeps_the_linked_one(runs: dict[str, Any]) -> None:
+    root = runs["root"] / "preempted"
+    marker = root / "reached"
+    wait = {"class_path": "fault_injection.WaitForSignal", "init_args": {"marker": str(marker), "epoch": 2, "batch": 0}}
+    run_mambaout(
+        *fit_args(
+            root,
+            runs["images"],
+            *SHARDED,
+            "--latest_checkpoint.every_n_train_steps=0",  # one checkpoint per epoch, linked as last.ckpt
+            "--latest_checkpoint.every_n_epochs=1",
+            "--trainer.callbacks+=" + json.dumps(wait),
+            f"--ckpt_path={checkpoints(runs['root'] / 'sharded') / 'epoch000-step2.ckpt'}",
+        ),
+        stop_at=marker,
+    )
+    folder = checkpoints(root)
+    last = folder / "last.ckpt"
+    assert last.is_symlink() and os.readlink(last) == "last-epoch002-step5.ckpt"
+    steps = {path.name: torch.load(path / METADATA_FILE, weights_only=True)["global_step"] for path in folder.iterdir()}
+    # The epoch's checkpoint that last.ckpt linked to before the signal still holds its own step.
+    assert steps["epoch001-step4.ckpt"] == 4 and steps["last.ckpt"] == 5

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from mambaout_pl.errors import CheckpointError, UnsafeCheckpointError
@@ -39,6 +40,7 @@ __all__ = [
     "is_sharded_checkpoint",
     "optimizer_state_by_position",
     "read_sharded_checkpoint_metadata",
+    "writes_checkpoint_folders",
 ]
 
 #: The file of a checkpoint folder that holds everything but the weights and optimizer states (Lightning's name).
@@ -49,6 +51,17 @@ def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
     """True for a checkpoint folder written by ``ModelParallelStrategy`` (a folder with ``meta.pt``)."""
     path = Path(path)
     return path.is_dir() and (path / METADATA_FILE).is_file()
+
+
+def writes_checkpoint_folders(strategy: Strategy) -> bool:
+    """True when ``strategy`` writes each checkpoint as a folder of shards: ``ModelParallelStrategy`` with
+    ``save_distributed_checkpoint=True``, ``FSDPStrategy`` with ``state_dict_type="sharded"``."""
+    # Lightning 2.6 keeps both choices in private attributes only.
+    if isinstance(strategy, ModelParallelStrategy):
+        return bool(strategy._save_distributed_checkpoint)
+    if isinstance(strategy, FSDPStrategy):
+        return strategy._state_dict_type == "sharded"
+    return False
 
 
 def read_sharded_checkpoint_metadata(folder: str | os.PathLike) -> dict[str, Any]:
@@ -105,7 +118,7 @@ def consolidate_checkpoint(folder: str | os.PathLike, output: str | os.PathLike)
         raise CheckpointError(f"'{folder}' holds no weights ('state_dict'); it holds {sorted(state)[:8]}.")
     checkpoint["state_dict"] = state.pop("state_dict")
     optimizer_keys = sorted(
-        (key for key in state if re.fullmatch(r"optimizer_\d+", key)), key=lambda key: int(key[10:])
+        (key for key in state if re.fullmatch(r"optimizer_\d+", key)), key=lambda key: int(key.rpartition("_")[2])
     )
     checkpoint["optimizer_states"] = [optimizer_state_by_position(state[key]) for key in optimizer_keys]
     atomic_torch_save(checkpoint, output)
