@@ -34,6 +34,7 @@ from mambaout_pl.training.checkpoint_io import (
 from mambaout_pl.training.preemption import PreemptionCheckpoint
 from mambaout_pl.training.resume import saved_model_settings
 from mambaout_pl.training.run_folders import check_output_paths, reserve_log_versions
+from mambaout_pl.training.sharded_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint_metadata
 
 #: ``checkpoint.monitor`` / ``checkpoint.mode`` value that stands for the task's ``monitor`` / ``mode``.
 TASK_DEFAULT = "auto"
@@ -104,7 +105,8 @@ class MambaOutCLI(LightningCLI):
         return trainer
 
     def _parse_ckpt_path(self) -> None:
-        """Read ``--ckpt_path`` without unpickling objects, with errors that name the file.
+        """Read ``--ckpt_path`` (a file, or a sharded checkpoint folder's ``meta.pt``) without unpickling objects,
+        with errors that name the file.
 
         ``validate``, ``test`` and ``predict`` take the checkpoint's model settings, as Lightning
         does. ``fit`` does not (Lightning would silently replace the recipe's model settings by the
@@ -118,9 +120,13 @@ class MambaOutCLI(LightningCLI):
         self._checkpoint_source: str | None = None
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if ckpt_path and is_sharded_checkpoint(ckpt_path):
+            checkpoint = read_sharded_checkpoint_metadata(ckpt_path)
+        elif ckpt_path and Path(ckpt_path).is_file():
+            checkpoint = read_checkpoint(ckpt_path)
+        else:
             return
-        settings = saved_model_settings(read_checkpoint(ckpt_path))
+        settings = saved_model_settings(checkpoint)
         if subcommand == "fit" or settings is None:
             return
         source = f"checkpoint '{ckpt_path}'"
@@ -286,6 +292,7 @@ def run_cli(args: ArgsType = None) -> MambaOutCLI:
 TOOL_COMMANDS: dict[str, str] = {
     "export": "mambaout_pl.export.hub:export_main",
     "push": "mambaout_pl.export.hub:push_main",
+    "consolidate": "mambaout_pl.training.sharded_checkpoint:consolidate_main",
     "analyze": "mambaout_pl.analysis:analyze_main",
     "profile": "mambaout_pl.analysis:profile_main",
 }
@@ -293,6 +300,7 @@ TOOL_COMMANDS: dict[str, str] = {
 TOOL_COMMAND_HELP: dict[str, str] = {
     "export": "Write a checkpoint's network as a Hub folder (timm format for classifiers) or for deployment.",
     "push": "Export a checkpoint and upload it to the Hugging Face Hub.",
+    "consolidate": "Write a sharded checkpoint folder (ModelParallelStrategy) as one checkpoint file.",
     "analyze": "Tokens against 6 x channels per stage: the paper's long-sequence criterion.",
     "profile": "Parameters, GMACs and images per second of a model.",
 }
@@ -316,7 +324,7 @@ def print_help() -> int:
             raise
     print("\nmore subcommands (each with its own --help):")
     for name, text in TOOL_COMMAND_HELP.items():
-        print(f"  {name:<10}{text}")
+        print(f"  {name:<12}{text}")
     return 0
 
 

@@ -398,7 +398,9 @@ class BaseDataModule(LightningDataModule):
     # Lightning (2.6) also saves a stateful loader's state in its loop state, but never gives it
     # back when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (ours does):
     # that builds the loader and its iterator before the loop state is restored. So the module
-    # keeps the training loader's state itself and builds the next loader with it.
+    # keeps the training loader's state itself and builds the next loader with it. Strategies that
+    # restore a checkpoint after their setup (``ModelParallelStrategy``) have built that loader
+    # already: it takes the state itself.
 
     def state_dict(self) -> dict[str, Any]:
         """The training loader's position (epoch, batches consumed), saved in checkpoints."""
@@ -406,8 +408,14 @@ class BaseDataModule(LightningDataModule):
         return {"train_loader": state} if state is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Make the next training loader continue where the checkpoint's stopped."""
-        self._train_loader_resume_state = state_dict.get("train_loader")
+        """Make the training loader continue where the checkpoint's stopped: the Trainer's, if it has
+        built it already, else the next one built."""
+        state = state_dict.get("train_loader")
+        loader = getattr(self.trainer, "train_dataloader", None) if self.trainer is not None else None
+        if state is not None and isinstance(loader, ResumableDataLoader):
+            loader.load_state_dict(state)
+        else:
+            self._train_loader_resume_state = state
 
     def _resumable_train_loader(self, dataset: Sized, batch_size: int, collate_fn: Any) -> ResumableDataLoader:
         """Training batches of ``dataset`` in the seeded order, resuming from a loaded state once."""

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback, EMAWeightAveraging
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 from mambaout_pl.errors import CheckpointMismatchError, NonFiniteLossError
 from mambaout_pl.export.spec import ExportSpec
 from mambaout_pl.tasks.arguments import check_optimizer, check_positive, check_scheduler
+from mambaout_pl.training.ema import EMAWeightAveraging
 from mambaout_pl.training.nonfinite import NONFINITE_LOSS_MODES, NonFiniteLossMixin, check_nonfinite_loss_mode
 from mambaout_pl.training.resume import (
     CHECKPOINT_KEY,
@@ -33,6 +34,13 @@ from mambaout_pl.training.resume import (
     rng_states,
     set_rng_states,
     task_name,
+)
+from mambaout_pl.training.sharding import (
+    data_parallel_mesh,
+    gather_for_evaluation,
+    is_sharded,
+    release_after_evaluation,
+    shard_network,
 )
 
 __all__ = [
@@ -59,6 +67,10 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
     that order. Subclasses take their own arguments, pass the ones below on with ``**kwargs``
     (re-declaring only those whose default they change) and override only the part they change.
     The network to optimize lives in ``self.model``.
+
+    Under Lightning's ``ModelParallelStrategy`` (``--trainer.strategy ModelParallelStrategy``),
+    :meth:`configure_model` shards ``self.model`` with PyTorch's FSDP2, block by block
+    (:mod:`mambaout_pl.training.sharding`); under any other strategy the network is left whole.
 
     A task declares the logged value that picks its best checkpoint (``monitor``, ``mode``; the
     CLI's ``checkpoint`` callback follows them) and how it is exported (:meth:`export_spec`).
@@ -94,6 +106,10 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
     #: Constructor arguments that say where and how a run writes its predictions, not what the network
     #: is: a checkpoint's values never replace the run's own (``predict --ckpt_path``, a resumed ``fit``).
     output_settings: tuple[str, ...] = ()
+
+    #: Methods other than ``forward`` by which the task runs ``self.model`` (a sharded network
+    #: gathers its weights for them too).
+    network_forward_methods: tuple[str, ...] = ()
 
     model: nn.Module
 
@@ -167,6 +183,41 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
     def example_input_array(self, example: Any) -> None:
         self._example_input_array = example
 
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (a device mesh is set), shard ``self.model`` with FSDP2 per block
+        and head, at the Trainer's precision (batch norms made synchronised first with
+        ``trainer.sync_batchnorm``); otherwise do nothing."""
+        mesh = self.device_mesh
+        if mesh is None or is_sharded(self.model):
+            return
+        check_shardable(self)
+        trainer = self.trainer
+        layer_sync = getattr(trainer.strategy, "_layer_sync", None)
+        if layer_sync is not None and trainer.state.fn == TrainerFn.FITTING:
+            # `trainer.sync_batchnorm`: ModelParallelStrategy (Lightning 2.6) does not apply it; DDPStrategy.setup does this.
+            self.model = layer_sync.apply(self.model)
+        shard_network(self.model, data_parallel_mesh(mesh), trainer.precision, self.network_forward_methods)
+
+    def on_validation_start(self) -> None:
+        """A sharded network gathers its weights for the whole loop (processes may run different batch counts)."""
+        if is_sharded(self.model):
+            gather_for_evaluation(self.model)
+
+    def on_validation_end(self) -> None:
+        """A sharded network frees the weights gathered for the loop."""
+        if is_sharded(self.model):
+            release_after_evaluation(self.model)
+
+    def on_test_start(self) -> None:
+        """A sharded network gathers its weights for the whole loop (processes may run different batch counts)."""
+        if is_sharded(self.model):
+            gather_for_evaluation(self.model)
+
+    def on_test_end(self) -> None:
+        """A sharded network frees the weights gathered for the loop."""
+        if is_sharded(self.model):
+            release_after_evaluation(self.model)
+
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (or any timm optimizer) with per-update warm-up and decay from ``timm.scheduler``."""
         hparams = self.hparams
@@ -231,7 +282,10 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
         scheduler.step_update(num_updates=self.global_step)
 
     def on_predict_start(self) -> None:
-        """Warn when nothing will write the predictions (``trainer.predict`` only returns them)."""
+        """Warn when nothing will write the predictions (``trainer.predict`` only returns them); a sharded
+        network gathers its weights for the whole loop."""
+        if is_sharded(self.model):
+            gather_for_evaluation(self.model)
         if not any(isinstance(callback, BasePredictionWriter) for callback in self.trainer.callbacks):
             rank_zero_warn(
                 f"{type(self).__name__}: no prediction writer is set, so trainer.predict only returns the "
@@ -239,6 +293,11 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
                 "lightning.pytorch.callbacks.BasePredictionWriter from the task's configure_callbacks, or add one "
                 "to trainer.callbacks, to write them."
             )
+
+    def on_predict_end(self) -> None:
+        """A sharded network frees the weights gathered for the loop."""
+        if is_sharded(self.model):
+            release_after_evaluation(self.model)
 
     def configure_callbacks(self) -> list[Callback]:
         """EMA of the weights, held by a callback so the averaged copy stays out of the module tree."""
@@ -274,7 +333,9 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
         trainer = self._trainer
         where = f"Checkpoint '{trainer.ckpt_path}'" if trainer is not None and trainer.ckpt_path else "The checkpoint"
         resuming = trainer is not None and trainer.state.fn == TrainerFn.FITTING
-        restore_checkpoint(self, checkpoint, where, resuming)
+        # ModelParallelStrategy loads the weights itself (strictly) and hands on the rest of the checkpoint.
+        weights_loaded = is_sharded(self.model) and "state_dict" not in checkpoint
+        restore_checkpoint(self, checkpoint, where, resuming, check_weights=not weights_loaded)
 
     @staticmethod
     def unpack_batch(batch: Any, input_key: str, target_key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -290,6 +351,23 @@ def image_batch(size: int | Sequence[int], channels: int = 3) -> torch.Tensor:
     """One zero image ``[1, channels, H, W]`` of side ``size`` (an int) or ``(H, W)``."""
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     return torch.zeros(1, channels, int(height), int(width))
+
+
+def check_shardable(task: BaseTask) -> None:
+    """Raise if ``task`` cannot be sharded: EMA is on, or it has weights outside ``task.model``."""
+    if task.hparams.get("ema_decay") is not None:
+        raise ValueError(
+            f"model.ema_decay={task.hparams.ema_decay} cannot be used with ModelParallelStrategy: Lightning's "
+            "EMAWeightAveraging keeps a whole copy of the network beside the sharded one and cannot save or restore "
+            "it in a sharded checkpoint. Unset model.ema_decay, or train with --trainer.strategy ddp."
+        )
+    outside = [name for name, param in task.named_parameters() if not name.startswith("model.")]
+    if outside:
+        raise ValueError(
+            f"{type(task).__name__} has weights outside self.model ({', '.join(outside[:3])}"
+            f"{', ...' if len(outside) > 3 else ''}), which ModelParallelStrategy would neither shard nor "
+            "synchronise. Build them inside self.model in configure_models, or train with --trainer.strategy ddp."
+        )
 
 
 def check_trains(trainer: Any) -> None:

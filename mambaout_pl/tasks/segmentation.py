@@ -79,6 +79,7 @@ class SegmentationTask(ValidationPictures, BaseTask):
     monitor = "val/mIoU"
     mode = "max"
     output_settings = ("predict_dir",)
+    network_forward_methods = ("forward_heads",)
 
     def __init__(
         self,

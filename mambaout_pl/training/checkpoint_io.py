@@ -27,6 +27,7 @@ from lightning.pytorch.trainer import Trainer
 
 from mambaout_pl.errors import CheckpointError, UnsafeCheckpointError
 from mambaout_pl.training.atomic import atomic_symlink, atomic_torch_save, atomic_write
+from mambaout_pl.training.sharded_checkpoint import is_sharded_checkpoint
 
 
 def read_checkpoint(
@@ -37,12 +38,20 @@ def read_checkpoint(
     """A training checkpoint (a dict with a ``state_dict``) read with ``weights_only=True`` unless told otherwise.
 
     Raises ``FileNotFoundError`` for a missing local file, :class:`UnsafeCheckpointError` for a file
-    that holds pickled Python objects, and :class:`CheckpointError` for a truncated file or one that
-    is not a training checkpoint; every message names the file.
+    that holds pickled Python objects, and :class:`CheckpointError` for a truncated file, one that
+    is not a training checkpoint, or a sharded checkpoint folder (saying how to make it one file);
+    every message names the file.
     """
     if "://" not in str(path) and not get_filesystem(path).exists(path):
         raise FileNotFoundError(
             f"Checkpoint file '{path}' does not exist; give the path of a .ckpt file written by `fit`."
+        )
+    if "://" not in str(path) and is_sharded_checkpoint(path):
+        raise CheckpointError(
+            f"'{path}' is a sharded checkpoint folder (written by ModelParallelStrategy with "
+            "save_distributed_checkpoint=true): `fit --ckpt_path` resumes from it under that strategy, but this needs "
+            f"one file. Write one with `mambaout consolidate {path} model.ckpt` and give model.ckpt, or train with "
+            "--trainer.strategy.save_distributed_checkpoint false to write checkpoint files."
         )
     try:
         checkpoint = pl_load(path, map_location=map_location, weights_only=weights_only)

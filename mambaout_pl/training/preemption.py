@@ -17,6 +17,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from mambaout_pl.training.atomic import atomic_symlink
+from mambaout_pl.training.sharded_checkpoint import writes_checkpoint_folders
+
 log = logging.getLogger(__name__)
 
 
@@ -32,7 +35,10 @@ class PreemptionCheckpoint(Checkpoint):
     ranks received the signal. A second SIGINT interrupts at once.
 
     The checkpoint goes to the folder of the first ``ModelCheckpoint`` that keeps a last
-    checkpoint (else the first one, else ``<default_root_dir>/checkpoints``) as ``last.ckpt``.
+    checkpoint (else the first one, else ``<default_root_dir>/checkpoints``) as ``last.ckpt``. A
+    strategy that writes checkpoint folders (``ModelParallelStrategy``) writes
+    ``last-epochE-stepS.ckpt`` and links ``last.ckpt`` to it, so that nothing is written through
+    the link to an earlier checkpoint.
 
     Args:
         signals: names of the signals that request a checkpoint and a stop.
@@ -124,7 +130,18 @@ class PreemptionCheckpoint(Checkpoint):
             if isinstance(callback, LightningModelCheckpoint) and callback.save_last and callback.dirpath is not None:
                 if Path(callback.dirpath) == Path(path).parent:
                     callback.last_model_path = path  # so that it keeps this name instead of writing last-v1.ckpt
-        trainer.save_checkpoint(path)
+        target = Path(path)
+        if writes_checkpoint_folders(trainer.strategy) and (target.is_symlink() or not target.exists()):
+            # A folder is written in place: through the `last.ckpt` link it would overwrite the checkpoint linked to.
+            folder = target.with_name(
+                f"{target.stem}-epoch{trainer.current_epoch:03d}-step{trainer.global_step}{target.suffix}"
+            )
+            trainer.save_checkpoint(folder)
+            if trainer.is_global_zero:
+                atomic_symlink(folder, target)
+            trainer.strategy.barrier()
+        else:
+            trainer.save_checkpoint(path)
         return path
 
     @staticmethod

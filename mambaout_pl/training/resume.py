@@ -48,10 +48,16 @@ def mark_checkpoint(task: LightningModule, checkpoint: dict[str, Any]) -> None:
     checkpoint[RNG_STATES_KEY] = rng_states()
 
 
-def restore_checkpoint(task: LightningModule, checkpoint: dict[str, Any], where: str, resuming: bool) -> None:
+def restore_checkpoint(
+    task: LightningModule, checkpoint: dict[str, Any], where: str, resuming: bool, check_weights: bool = True
+) -> None:
     """Refuse a checkpoint that does not fit ``task``; when ``resuming`` a ``fit``, also one with other
-    settings (except :data:`RESUME_MAY_CHANGE` and the task's ``output_settings``), then restore the random generators."""
-    check_checkpoint_fits(task, checkpoint, where)
+    settings (except :data:`RESUME_MAY_CHANGE` and the task's ``output_settings``), then restore the random generators.
+
+    ``check_weights=False``: the weights were loaded already (by a sharding strategy) and are not
+    in ``checkpoint``; only the task class is checked.
+    """
+    check_checkpoint_fits(task, checkpoint, where, check_weights)
     if not resuming:
         return
     differing = differing_hyperparameters(checkpoint.get("hyper_parameters", {}), dict(task.hparams))
@@ -67,9 +73,10 @@ def restore_checkpoint(task: LightningModule, checkpoint: dict[str, Any], where:
         set_rng_states(checkpoint[RNG_STATES_KEY])
 
 
-def check_checkpoint_fits(task: LightningModule, checkpoint: Any, where: str) -> None:
-    """Raise :class:`CheckpointMismatchError` unless ``checkpoint`` holds ``task``'s weights."""
-    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+def check_checkpoint_fits(task: LightningModule, checkpoint: Any, where: str, check_weights: bool = True) -> None:
+    """Raise :class:`CheckpointMismatchError` unless ``checkpoint`` was written by ``task``'s class and
+    (``check_weights``) holds ``task``'s weights."""
+    if not isinstance(checkpoint, Mapping) or (check_weights and "state_dict" not in checkpoint):
         keys = sorted(checkpoint)[:10] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
         raise CheckpointMismatchError(
             f"{where} has no 'state_dict' (it holds {keys}): it is not a checkpoint written by `fit`. "
@@ -82,6 +89,8 @@ def check_checkpoint_fits(task: LightningModule, checkpoint: Any, where: str) ->
             f"{where} was written by {recorded}, but this run's task is {mine}. Use a checkpoint of the same "
             "task, or set `model.class_path` to the task that wrote it."
         )
+    if not check_weights:
+        return
     theirs: Mapping[str, Any] = checkpoint["state_dict"]
     own = task.state_dict()
     missing = sorted(set(own) - set(theirs))
