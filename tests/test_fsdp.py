@@ -405,6 +405,7 @@ def assert_losses(actual: dict[int, float], expected: dict[int, float], steps: r
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")
 def test_sharded_training_follows_ddp_step_by_step(runs: dict[str, Any]) -> None:
     ddp, sharded = runs["ddp"], runs["sharded"]
     for rank in (0, 1):
@@ -419,6 +420,7 @@ def test_sharded_training_follows_ddp_step_by_step(runs: dict[str, Any]) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")
 def test_training_resumes_from_sharded_and_from_one_file_checkpoints(runs: dict[str, Any]) -> None:
     sharded = runs["sharded"]
     for rank in (0, 1):
@@ -434,6 +436,7 @@ def test_training_resumes_from_sharded_and_from_one_file_checkpoints(runs: dict[
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")
 def test_a_sharded_folder_consolidates_into_the_file_the_strategy_writes_and_exports(
     runs: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -466,6 +469,7 @@ def test_a_sharded_folder_consolidates_into_the_file_the_strategy_writes_and_exp
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")
 def test_one_process_validates_a_checkpoint_folder_two_processes_wrote(runs: dict[str, Any], tmp_path: Path) -> None:
     folder = checkpoints(runs["root"] / "sharded") / "epoch002-step6.ckpt"
     record = tmp_path / "record"
@@ -496,6 +500,7 @@ def test_one_process_validates_a_checkpoint_folder_two_processes_wrote(runs: dic
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")
 def test_a_preempted_sharded_run_writes_a_new_folder_and_keeps_the_linked_one(runs: dict[str, Any]) -> None:
     root = runs["root"] / "preempted"
     marker = root / "reached"
