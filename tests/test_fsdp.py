@@ -370,7 +370,9 @@ def checkpoints(root: Path) -> Path:
     return root / "lightning_logs" / "version_0" / "checkpoints"
 
 
-@pytest.fixture(scope="module")
+# Session scope: under pytest-xdist, tests of other modules may run between these, which would tear
+# down (and rebuild) a module-scoped fixture.
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """DDP; sharded (checkpoint folders); sharded with one-file checkpoints, resumed from the sharded run's
     folder after step 3 (mid-epoch); DDP resumed from that run's file after step 5 (mid-epoch)."""
