@@ -85,3 +85,41 @@ def test_folder_index_benchmark_times_every_open(benchmark_run, tmp_path):
         assert row.ours > 0 and row.reference > 0 and row.unit == "s", row
         assert math.isclose(row.ratio, row.ours / row.reference, rel_tol=1e-9), row
     assert list(tmp_path.iterdir()) == []  # the generated folders are removed
+
+
+def test_depthwise_backward_rows(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    try:
+        script = importlib.import_module("depthwise_backward")
+        output = tmp_path / "rows.json"
+        rows = script.main(
+            [
+                "--batch-size",
+                "1",
+                "--rounds",
+                "1",
+                "--steps",
+                "1",
+                "--no-steps",
+                "--threads",
+                "1",
+                "--json",
+                str(output),
+            ]
+        )
+    finally:
+        for name in ("depthwise_backward", "common", "model_speed"):
+            sys.modules.pop(name, None)
+    written = json.loads(output.read_text())
+    assert written == [row.as_json() for row in rows]
+    assert [row["name"] for row in written[:4]] == [
+        "dwconv/femto/56x56x48/wgrad/fp32",
+        "dwconv/femto/56x56x48/igrad/fp32",
+        "dwconv/femto/28x28x96/wgrad/fp32",
+        "dwconv/femto/28x28x96/igrad/fp32",
+    ]
+    assert len(written) == 16 and written[-1]["name"] == "dwconv/femto/7x7x288/igrad/bf16"
+    for row in written:
+        assert row["unit"] == "GFLOP/s" and row["ours"] > 0 and row["reference"] > 0, row
+        assert math.isclose(row["ratio"], row["ours"] / row["reference"], rel_tol=1e-9), row
+        assert "ours/forward" in row["note"], row
