@@ -198,25 +198,28 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
             self.model = layer_sync.apply(self.model)
         shard_network(self.model, data_parallel_mesh(mesh), trainer.precision, self.network_forward_methods)
 
-    def on_validation_start(self) -> None:
-        """A sharded network gathers its weights for the whole loop (processes may run different batch counts)."""
+    def gather_sharded_weights(self) -> None:
+        """A sharded network gathers its weights for a whole evaluation loop (processes may run different
+        batch counts, so gathering per forward would hang)."""
         if is_sharded(self.model):
             gather_for_evaluation(self.model)
+
+    def release_sharded_weights(self) -> None:
+        """A sharded network frees the weights gathered for an evaluation loop."""
+        if is_sharded(self.model):
+            release_after_evaluation(self.model)
+
+    def on_validation_start(self) -> None:
+        self.gather_sharded_weights()
 
     def on_validation_end(self) -> None:
-        """A sharded network frees the weights gathered for the loop."""
-        if is_sharded(self.model):
-            release_after_evaluation(self.model)
+        self.release_sharded_weights()
 
     def on_test_start(self) -> None:
-        """A sharded network gathers its weights for the whole loop (processes may run different batch counts)."""
-        if is_sharded(self.model):
-            gather_for_evaluation(self.model)
+        self.gather_sharded_weights()
 
     def on_test_end(self) -> None:
-        """A sharded network frees the weights gathered for the loop."""
-        if is_sharded(self.model):
-            release_after_evaluation(self.model)
+        self.release_sharded_weights()
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (or any timm optimizer) with per-update warm-up and decay from ``timm.scheduler``."""
@@ -284,8 +287,7 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
     def on_predict_start(self) -> None:
         """Warn when nothing will write the predictions (``trainer.predict`` only returns them); a sharded
         network gathers its weights for the whole loop."""
-        if is_sharded(self.model):
-            gather_for_evaluation(self.model)
+        self.gather_sharded_weights()
         if not any(isinstance(callback, BasePredictionWriter) for callback in self.trainer.callbacks):
             rank_zero_warn(
                 f"{type(self).__name__}: no prediction writer is set, so trainer.predict only returns the "
@@ -295,9 +297,7 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
             )
 
     def on_predict_end(self) -> None:
-        """A sharded network frees the weights gathered for the loop."""
-        if is_sharded(self.model):
-            release_after_evaluation(self.model)
+        self.release_sharded_weights()
 
     def configure_callbacks(self) -> list[Callback]:
         """EMA of the weights, held by a callback so the averaged copy stays out of the module tree."""
