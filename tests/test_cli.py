@@ -47,7 +47,7 @@ def test_quickstart_learns_the_embedded_digits_and_validates_its_checkpoint(tmp_
     recipe = ROOT / "recipes" / "quickstart.yaml"
     quiet = ["--trainer.enable_progress_bar=false"]
     fit = run_cli(
-        ["fit", f"--config={recipe}", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=3", *quiet]
+        ["fit", f"--config={recipe}", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=2", *quiet]
     )
     best_score = fit.trainer.checkpoint_callback.best_model_score.item()
     best_path = fit.trainer.checkpoint_callback.best_model_path
