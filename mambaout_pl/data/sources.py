@@ -45,6 +45,18 @@ DataFiles = str | Sequence[str] | Mapping[str, str | Sequence[str]]
 ADE20K_LAYOUT = "ade20k"
 #: ``path`` of a COCO folder (``annotations/instances_<split>.json`` and ``<split>/``), given as ``data_dir``.
 COCO_LAYOUT = "coco"
+#: Each folder layout's reader, and what ``data_dir`` must then hold.
+LAYOUT_FOLDERS = {
+    ADE20K_LAYOUT: (
+        load_ade20k_folder,
+        "an ADEChallengeData2016-layout folder: set `data_dir` to the folder holding images/ and annotations/",
+    ),
+    COCO_LAYOUT: (
+        load_coco_folder,
+        "a COCO folder: set `data_dir` to the folder holding annotations/ (instances_<split>.json) and the "
+        "<split>/ image folders",
+    ),
+}
 
 # Number of shards a saved-to-disk dataset is cut into when streamed, so that ranks and
 # dataloader workers each get whole shards.
@@ -102,20 +114,11 @@ def open_dataset(
     """
     path, data_dir = resolve_builtin(path, data_dir, data_files, cache_dir)
     local = Path(path).expanduser()
-    if path == ADE20K_LAYOUT:
+    if path in LAYOUT_FOLDERS:
+        load_folder, layout = LAYOUT_FOLDERS[path]
         if data_dir is None:
-            raise DataError(
-                f"path={path!r} reads an ADEChallengeData2016-layout folder: set `data_dir` to the folder "
-                "holding images/ and annotations/."
-            )
-        splits = _maybe_stream(load_ade20k_folder(data_dir), streaming)
-    elif path == COCO_LAYOUT:
-        if data_dir is None:
-            raise DataError(
-                f"path={path!r} reads a COCO folder: set `data_dir` to the folder holding annotations/ "
-                "(instances_<split>.json) and the <split>/ image folders."
-            )
-        splits = _maybe_stream(load_coco_folder(data_dir), streaming)
+            raise DataError(f"path={path!r} reads {layout}.")
+        splits = _maybe_stream(load_folder(data_dir), streaming)
     elif _is_saved_to_disk(local):
         splits = _load_saved(local, streaming=streaming)
     else:

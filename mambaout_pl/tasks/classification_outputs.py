@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
+from mambaout_pl.tasks.prediction_writer import PredictionWriter
 from mambaout_pl.training.atomic import naming_target
 from mambaout_pl.training.run_folders import check_new_output, prediction_folder
 
@@ -30,7 +30,7 @@ def prediction_columns(top_k: int) -> list[str]:
     return columns
 
 
-class ClassificationPredictionWriter(BasePredictionWriter):
+class ClassificationPredictionWriter(PredictionWriter):
     """Write ``trainer.predict``'s classes to ``predictions.csv`` or ``predictions.jsonl`` (``predictions-rank<r>.*``
     per process under DDP).
 
@@ -51,16 +51,16 @@ class ClassificationPredictionWriter(BasePredictionWriter):
         file_format: str = "csv",
         label_names: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(write_interval="batch")
+        super().__init__(output_dir)
         if file_format not in PREDICTION_FORMATS:
             raise ValueError(f"file_format={file_format!r} must be one of {PREDICTION_FORMATS}.")
         if top_k < 1:
             raise ValueError(f"top_k={top_k} must be at least 1.")
-        self.output_dir = None if output_dir is None else Path(output_dir)
         self.top_k = top_k
         self.file_format = file_format
         self.label_names = None if label_names is None else list(label_names)
         self.file: Path | None = None  # the file this process writes, once predicting
+        self._columns_top_k = top_k  # top_k, at most the network's class count
         self._written = 0
 
     def path(self, trainer: Trainer) -> Path:
@@ -69,31 +69,20 @@ class ClassificationPredictionWriter(BasePredictionWriter):
         return prediction_folder(trainer, self.output_dir) / f"{stem}.{self.file_format}"
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        num_classes = getattr(pl_module, "hparams", {}).get("num_classes")
+        self._columns_top_k = min(self.top_k, num_classes) if num_classes else self.top_k
         self.file = self.path(trainer)
         check_new_output(self.file)
         with naming_target(self.file):
             self.file.parent.mkdir(parents=True, exist_ok=True)
             with self.file.open("x", newline="") as file:
                 if self.file_format == "csv":
-                    csv.writer(file).writerow(prediction_columns(self._top_k(pl_module)))
+                    csv.writer(file).writerow(prediction_columns(self._columns_top_k))
         self._written = 0
 
-    def _top_k(self, pl_module: LightningModule) -> int:
-        num_classes = getattr(pl_module, "hparams", {}).get("num_classes")
-        return min(self.top_k, num_classes) if num_classes else self.top_k
-
-    def write_on_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        prediction: Any,
-        batch_indices: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
+    def write_batch(self, trainer: Trainer, prediction: Any, batch: Any, batch_indices: Sequence[int] | None) -> None:
         probabilities = prediction["probabilities"].float()
-        top_k = min(self._top_k(pl_module), probabilities.shape[-1])
+        top_k = min(self._columns_top_k, probabilities.shape[-1])
         scores, classes = torch.topk(probabilities, top_k, dim=-1)
         count = len(classes)
         indices = list(batch_indices) if batch_indices else range(self._written, self._written + count)

@@ -12,12 +12,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from pycocotools import mask as mask_utils
 from torchvision.transforms.v2.functional import to_pil_image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from mambaout_pl.tasks.prediction_writer import PredictionWriter
 from mambaout_pl.tasks.segmentation_outputs import palette
 from mambaout_pl.training.atomic import atomic_write
 from mambaout_pl.training.run_folders import check_new_output, prediction_folder
@@ -162,7 +162,7 @@ def coco_results(
     return results
 
 
-class DetectionResultsWriter(BasePredictionWriter):
+class DetectionResultsWriter(PredictionWriter):
     """Write ``trainer.predict``'s COCO results to ``output_dir/results.json`` (one list over all images,
     what COCO's evaluation server takes), and the first ``num_pictures`` images with their detections
     drawn to ``output_dir/pictures/<image_id>.png``.
@@ -182,8 +182,7 @@ class DetectionResultsWriter(BasePredictionWriter):
         label_names: Sequence[str] | None = None,
         score_threshold: float = 0.5,
     ) -> None:
-        super().__init__(write_interval="batch")
-        self.output_dir = None if output_dir is None else Path(output_dir)
+        super().__init__(output_dir)
         self.num_pictures = num_pictures
         self.label_names = label_names
         self.score_threshold = score_threshold
@@ -199,16 +198,7 @@ class DetectionResultsWriter(BasePredictionWriter):
         self._pictures_written = 0
         self.names = label_names_of(self.label_names, dataset_category_ids(trainer))
 
-    def write_on_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        prediction: Any,
-        batch_indices: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
+    def write_batch(self, trainer: Trainer, prediction: Any, batch: Any, batch_indices: Sequence[int] | None) -> None:
         for index, (image_id, results) in enumerate(zip(prediction["image_id"], prediction["results"], strict=True)):
             self._results.extend(results)
             if trainer.is_global_zero and self._pictures_written < self.num_pictures:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,11 +10,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
 from mambaout_pl.errors import OutputExistsError
+from mambaout_pl.tasks.prediction_writer import PredictionWriter
 from mambaout_pl.training.atomic import atomic_write
 from mambaout_pl.training.run_folders import check_new_output, prediction_folder
 
@@ -86,7 +87,7 @@ def write_label_png(path: str | Path, labels: torch.Tensor | np.ndarray) -> None
     atomic_write(Path(path), lambda file: image.save(file, format="PNG"))
 
 
-class SegmentationMaskWriter(BasePredictionWriter):
+class SegmentationMaskWriter(PredictionWriter):
     """Write each prediction of ``trainer.predict`` to ``output_dir/<name>.png`` (see :func:`write_label_png`),
     ``<name>`` being the image's file name without its extension (or its row).
 
@@ -96,8 +97,7 @@ class SegmentationMaskWriter(BasePredictionWriter):
     """
 
     def __init__(self, output_dir: str | Path | None = None) -> None:
-        super().__init__(write_interval="batch")
-        self.output_dir = None if output_dir is None else Path(output_dir)
+        super().__init__(output_dir)
         self.folder: Path | None = None  # the folder written to, once predicting
         self._written = 0
         self._names: set[str] = set()  # mask names this run has written
@@ -107,16 +107,7 @@ class SegmentationMaskWriter(BasePredictionWriter):
         self._written = 0
         self._names = set()
 
-    def write_on_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        prediction: Any,
-        batch_indices: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
+    def write_batch(self, trainer: Trainer, prediction: Any, batch: Any, batch_indices: Sequence[int] | None) -> None:
         for name, labels in zip(prediction["name"], prediction["prediction"], strict=True):
             path = self.folder / f"{name}.png"
             if name in self._names:
