@@ -59,6 +59,7 @@ def test_quickstart_learns_the_embedded_digits_and_validates_its_checkpoint(tmp_
     assert validate.trainer.callback_metrics["val/top1"].item() == pytest.approx(best_score, abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "command",
     [

@@ -284,6 +284,7 @@ def test_predict_split_without_objects(tmp_path):
     assert all(target["boxes"].shape == (0, 4) and len(target["labels"]) == 0 for target in batch["targets"])
 
 
+@pytest.mark.slow
 def test_streamed_parquet_trains_on_annotated_images_and_evaluates_every_image(tmp_path):
     files = write_parquet(tmp_path / "parquet")
     dm = make_module(

@@ -35,6 +35,7 @@ SHORT = [
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_quickstart_fits_keeps_its_best_checkpoint_by_segm_map_and_exports(tmp_path: Path) -> None:
     assert main(["fit", f"--config={QUICKSTART}", f"--trainer.default_root_dir={tmp_path}", *SHORT]) is None
     (run,) = (tmp_path / "lightning_logs").iterdir()
@@ -104,6 +105,7 @@ def test_token_mixer_overlays_reach_the_detection_quick_start(overlay: Path, tmp
     assert type(cli.model.model.backbone.body.model.stages[0].blocks[0].conv) is type(expected)
 
 
+@pytest.mark.slow
 def test_ssm_overlay_fits_on_the_detection_quick_start(tmp_path: Path) -> None:
     overlay = ROOT / "recipes" / "ablation" / "ssm_raster.yaml"
     cli = run_cli(
@@ -142,6 +144,7 @@ def test_coco_recipe_is_the_papers_setting() -> None:
     assert model["pretrained"]
 
 
+@pytest.mark.slow
 def test_coco_recipe_fits_on_the_embedded_coco_folder(tmp_path: Path) -> None:
     """The paper's recipe runs end to end, its data swapped for the embedded digits (a COCO folder) and its size shrunk."""
     weights = tmp_path / "imagenet.pth"

@@ -114,6 +114,7 @@ def test_export_refuses_to_overwrite_and_needs_an_input_size(tmp_path: Path) -> 
         export_onnx(model, tmp_path / "other.onnx")
 
 
+@pytest.mark.slow
 def test_cli_exports_a_trained_checkpoint_to_onnx_and_pt2(image_folder: Path, tmp_path: Path, capsys) -> None:
     backbone_args = '{"depths": [1, 1, 1, 1], "dims": [16, 24, 32, 40]}'
     main(
@@ -168,6 +169,7 @@ def test_cli_exports_a_trained_checkpoint_to_onnx_and_pt2(image_folder: Path, tm
         torch.testing.assert_close(program(images), reference, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_cli_exports_a_trained_segmentation_checkpoint_to_onnx(ade20k_folder: Path, tmp_path: Path) -> None:
     recipe = Path(__file__).parents[1] / "recipes" / "quickstart_segmentation.yaml"
     small = ["--model.backbone_args={'depths': [1, 1, 1, 1]}", "--model.decode_channels=16", "--model.aux_channels=8"]

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import mambaout_pl
 
 PACKAGE_ROOT = Path(mambaout_pl.__file__).parent
@@ -90,6 +92,7 @@ def test_no_import_cycle_in_models():
     assert not cycle, f"import cycle: {' -> '.join(cycle)}"
 
 
+@pytest.mark.slow
 def test_every_module_imports_first_on_its_own():
     script = (
         "import importlib, sys\n"

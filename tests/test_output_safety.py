@@ -270,6 +270,7 @@ def test_read_only_folder_names_the_target(tmp_path: Path, monkeypatch) -> None:
 # runs started together, --ckpt_path last
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("processes")
 def test_two_runs_started_together_get_their_own_version_folders(images: Path, tmp_path: Path) -> None:
     root = tmp_path / "runs"

@@ -93,6 +93,7 @@ def test_quickstart_segmentation_learns_and_validates_its_best_checkpoint(tmp_pa
     assert validate.trainer.callback_metrics["val/loss"].item() == pytest.approx(losses[best_epoch], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_best_checkpoint_follows_the_task_monitor_without_a_recipe_override(
     ade20k_folder: Path, tmp_path: Path
 ) -> None:

@@ -39,6 +39,7 @@ KILL_WHILE_SAVING = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_kill_while_saving_leaves_the_previous_checkpoint_intact(tmp_path: Path) -> None:
     script = tmp_path / "kill_while_saving.py"
     script.write_text(KILL_WHILE_SAVING)
