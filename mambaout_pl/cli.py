@@ -343,7 +343,18 @@ def main(args: list[str] | None = None) -> int | None:
         module_name, function_name = TOOL_COMMANDS[argv[0]].split(":")
         return getattr(importlib.import_module(module_name), function_name)(argv[1:])
     run_cli(args)  # None: Lightning reads the command line itself
+    close_process_group()
     return None
+
+
+def close_process_group() -> None:
+    """Destroy the process group a finished multi-process run created, while the interpreter is whole: left to
+    the interpreter's exit, gloo's threads can abort the process ("terminate called without an active
+    exception", exit status 134) after the run succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

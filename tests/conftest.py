@@ -29,8 +29,11 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow tests first, so that under pytest-xdist the longest runs start early and short tests fill the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The multi-process tests first (one worker runs them all, the longest share of the suite), then the other
+    slow ones, so that under pytest-xdist the longest runs start early and short tests fill the end."""
+    items.sort(
+        key=lambda item: (item.get_closest_marker("xdist_group") is None, item.get_closest_marker("slow") is None)
+    )
 
 
 IMAGE_FOLDER_CLASSES = ("cat", "dog", "fish")

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import yaml
-from helpers import small_run_args
+from helpers import small_run_args, tiny_fit_args
 
 from mambaout_pl.cli import main, run_cli
 
@@ -121,3 +122,14 @@ def test_help_shows_base_task_arguments_with_their_documentation(task: str, caps
     assert "--model.nonfinite_loss NONFINITE_LOSS on a NaN or infinite training loss" in text
     lr_default = "0.001" if task == "ClassificationTask" else "0.0001"
     assert f"--model.lr LR peak learning rate. (type: float, default: {lr_default})" in text
+
+
+def test_a_finished_command_destroys_the_process_group_it_ran_in(image_folder: Path, tmp_path: Path) -> None:
+    # Left to the interpreter's exit, gloo's threads can abort a process whose run succeeded.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(tiny_fit_args(tmp_path / "run", image_folder)) is None
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("processes")]
 SCRIPT = textwrap.dedent(
     """
     import json, sys
+    import torch
     from lightning.pytorch import Callback, Trainer
     from mambaout_pl.data import ImageClassificationDataModule
     from mambaout_pl.tasks import ClassificationTask
@@ -58,6 +59,7 @@ SCRIPT = textwrap.dedent(
     metrics = trainer.validate(task, data, verbose=False)[0]
     with open(f"{out_dir}/validate_rank{trainer.global_rank}.json", "w") as f:
         json.dump({"count": counter.count, "metrics": metrics}, f)
+    torch.distributed.destroy_process_group()  # as torch asks; left to exit, gloo can abort the process
     """
 )
 TINY = {"depths": [1, 1, 1, 1], "dims": [8, 8, 16, 16]}

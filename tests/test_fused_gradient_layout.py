@@ -62,6 +62,7 @@ def test_fused_weight_gradients_have_the_strides_of_their_parameters(parameter_f
 DDP_SCRIPT = textwrap.dedent(
     """
     import json, sys, warnings
+    import torch
     from lightning.pytorch import Trainer
     from mambaout_pl.data import ImageClassificationDataModule
     from mambaout_pl.tasks import ClassificationTask
@@ -78,6 +79,7 @@ DDP_SCRIPT = textwrap.dedent(
         trainer.fit(task, data)
     with open(f"{out_dir}/warnings_rank{trainer.global_rank}.json", "w") as f:
         json.dump({"steps": trainer.global_step, "warnings": [str(w.message) for w in caught]}, f)
+    torch.distributed.destroy_process_group()
     """
 )
 
