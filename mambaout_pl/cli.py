@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from jsonargparse import Namespace
 from lightning.fabric.connector import _convert_precision_to_unified_args
 from lightning.pytorch import LightningDataModule, Trainer
@@ -351,8 +352,6 @@ def close_process_group() -> None:
     """Destroy the process group a finished multi-process run created, while the interpreter is whole: left to
     the interpreter's exit, gloo's threads can abort the process ("terminate called without an active
     exception", exit status 134) after the run succeeded."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

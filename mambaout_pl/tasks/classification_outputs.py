@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from mambaout_pl.tasks.prediction_writer import PredictionWriter
 from mambaout_pl.training.atomic import naming_target
-from mambaout_pl.training.run_folders import check_new_output, prediction_folder
+from mambaout_pl.training.run_folders import check_new_output
 
 #: Formats of the predictions file.
 PREDICTION_FORMATS = ("csv", "jsonl")
@@ -66,7 +66,7 @@ class ClassificationPredictionWriter(PredictionWriter):
     def path(self, trainer: Trainer) -> Path:
         """The file this process writes (every process must call it: it asks for the run's folder)."""
         stem = "predictions" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}"
-        return prediction_folder(trainer, self.output_dir) / f"{stem}.{self.file_format}"
+        return self.output_folder(trainer) / f"{stem}.{self.file_format}"
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         num_classes = getattr(pl_module, "hparams", {}).get("num_classes")

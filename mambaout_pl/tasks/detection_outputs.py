@@ -20,7 +20,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from mambaout_pl.tasks.prediction_writer import PredictionWriter
 from mambaout_pl.tasks.segmentation_outputs import palette
 from mambaout_pl.training.atomic import atomic_write
-from mambaout_pl.training.run_folders import check_new_output, prediction_folder
+from mambaout_pl.training.run_folders import check_new_output
 
 __all__ = [
     "DetectionResultsWriter",
@@ -192,7 +192,7 @@ class DetectionResultsWriter(PredictionWriter):
         self._pictures_written = 0
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.folder = prediction_folder(trainer, self.output_dir)
+        self.folder = self.output_folder(trainer)
         check_new_output(self.folder / "results.json")
         self._results = []
         self._pictures_written = 0

@@ -9,6 +9,8 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from mambaout_pl.training.run_folders import prediction_folder
+
 
 class PredictionWriter(BasePredictionWriter):
     """Write what ``trainer.predict`` returns, batch by batch, under ``output_dir`` (``None``:
@@ -22,6 +24,10 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, output_dir: str | Path | None = None) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = None if output_dir is None else Path(output_dir)
+
+    def output_folder(self, trainer: Trainer) -> Path:
+        """The folder this run writes to (every process must call it: it asks for the run's folder)."""
+        return prediction_folder(trainer, self.output_dir)
 
     def write_on_batch_end(
         self,

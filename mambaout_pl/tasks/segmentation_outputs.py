@@ -16,7 +16,7 @@ from PIL import Image
 from mambaout_pl.errors import OutputExistsError
 from mambaout_pl.tasks.prediction_writer import PredictionWriter
 from mambaout_pl.training.atomic import atomic_write
-from mambaout_pl.training.run_folders import check_new_output, prediction_folder
+from mambaout_pl.training.run_folders import check_new_output
 
 
 def palette(num_colours: int = 256) -> np.ndarray:
@@ -103,7 +103,7 @@ class SegmentationMaskWriter(PredictionWriter):
         self._names: set[str] = set()  # mask names this run has written
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.folder = prediction_folder(trainer, self.output_dir)
+        self.folder = self.output_folder(trainer)
         self._written = 0
         self._names = set()
 
