@@ -75,6 +75,20 @@ def test_timm_backbone_loads_a_local_checkpoint(tmp_path):
         FeatureBackbone("test_convnext", pretrained=str(tmp_path / "missing.pth"))
 
 
+def test_plain_backbone_gets_a_simple_feature_pyramid():
+    torch.manual_seed(0)
+    backbone = FeatureBackbone("vit_tiny_patch16_224", img_size=64).eval()  # four blocks, all at stride 16
+    assert backbone.pyramid is not None and backbone.reductions == [4, 8, 16, 32]
+    images = torch.randn(1, 3, 64, 64)
+    plain = backbone.model(images)
+    features = backbone(images)
+    assert [tuple(f.shape) for f in features] == [(1, 192, 64 // r, 64 // r) for r in (4, 8, 16, 32)]
+    torch.testing.assert_close(features[2], plain[2])  # the stride-16 level passes through
+    torch.testing.assert_close(features[3], nn.functional.max_pool2d(plain[3], 2))
+    unchanged = FeatureBackbone("vit_tiny_patch16_224", img_size=64, simple_pyramid=False)
+    assert unchanged.pyramid is None and unchanged.reductions == [16, 16, 16, 16]
+
+
 def test_out_indices_out_of_range_are_named():
     with pytest.raises(ValueError, match=r"out_indices=\[0, 4\].*4 stages of 'mambaout_femto'"):
         FeatureBackbone("mambaout_femto", out_indices=(0, 4))

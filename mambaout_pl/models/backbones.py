@@ -8,6 +8,7 @@ import timm
 import torch
 from torch import nn
 
+from .feature_pyramid import SimpleFeaturePyramid
 from .registry import create_model, resolve_model
 from .weights import CheckpointError
 
@@ -20,7 +21,8 @@ class FeatureBackbone(nn.Module):
     Our models (`list_models()`) and models named by a dotted class path run their
     `forward_intermediates`; any other name is a timm model built with
     `timm.create_model(name, features_only=True, out_indices=...)`. Channels-last outputs (MambaOut,
-    Swin and other NHWC models) are permuted to NCHW.
+    Swin and other NHWC models) are permuted to NCHW. Four maps of one stride (a plain model: Vision
+    Mamba, a ViT) go through a `SimpleFeaturePyramid` to strides /4, /2, x1 and x2 of it.
 
     Args:
         name: A model name: ours, a dotted class path, or a timm model.
@@ -28,6 +30,8 @@ class FeatureBackbone(nn.Module):
             default is the last four (timm's ResNets have a stride-2 level before them).
         pretrained: A local checkpoint file to start from (ImageNet weights); None for random weights.
         drop_path_rate: Stochastic depth rate of the last block (passed only when above 0).
+        simple_pyramid: Rescale the maps with a `SimpleFeaturePyramid`; None: when they are four maps
+            of one stride.
         **kwargs: Further arguments of the model.
 
     Attributes:
@@ -41,6 +45,7 @@ class FeatureBackbone(nn.Module):
         out_indices: Sequence[int] = (-4, -3, -2, -1),
         pretrained: str | os.PathLike | None = None,
         drop_path_rate: float = 0.0,
+        simple_pyramid: bool | None = None,
         **kwargs: Any,
     ):
         super().__init__()
@@ -54,8 +59,17 @@ class FeatureBackbone(nn.Module):
             self.channels: list[int] = list(self.model.feature_info.channels())
             self.reductions: list[int] = list(self.model.feature_info.reduction())
             self.channels_last = str(getattr(self.model, "output_fmt", "NCHW")).endswith("NHWC")
-            return
+        else:
+            self._build_own(name, out_indices, pretrained, **kwargs)
+        if simple_pyramid is None:
+            simple_pyramid = len(self.reductions) == 4 and len(set(self.reductions)) == 1
+        self.pyramid = SimpleFeaturePyramid(self.channels) if simple_pyramid else None
+        if self.pyramid is not None:
+            self.reductions = [max(1, round(r / scale)) for r, scale in zip(self.reductions, self.pyramid.scales)]
 
+    def _build_own(
+        self, name: str, out_indices: Sequence[int], pretrained: str | os.PathLike | None, **kwargs: Any
+    ) -> None:
         self.model = create_model(name, pretrained=pretrained, **kwargs)
         if not hasattr(self.model, "forward_intermediates"):
             raise TypeError(
@@ -94,7 +108,9 @@ class FeatureBackbone(nn.Module):
         else:
             features = self._intermediates(images)
         if self.channels_last:
-            return [feature.permute(0, 3, 1, 2).contiguous() for feature in features]
+            features = [feature.permute(0, 3, 1, 2).contiguous() for feature in features]
+        if self.pyramid is not None:
+            return self.pyramid(features)
         return list(features)
 
 
