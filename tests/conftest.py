@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 # Set before `datasets` / `huggingface_hub` are imported: they read these once, at import.
 _SANDBOX = Path(tempfile.mkdtemp(prefix="mambaout-pl-tests-"))
@@ -148,3 +150,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_process_mesh(tmp_path: Path):
+    """A gloo process group of this process alone and its 2-D mesh as ModelParallelStrategy builds it."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    finally:
+        dist.destroy_process_group()

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,14 +18,12 @@ from typing import Any
 import pytest
 import timm
 import torch
-import torch.distributed as dist
 from conftest import write_image_folder
 from detection_helpers import square_batch
 from helpers import tiny_fit_args
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from mambaout_pl.errors import CheckpointError
@@ -102,16 +99,6 @@ def test_a_model_may_name_its_own_units() -> None:
 
 
 # -- a sharded network, in one process ----------------------------------------------------------------
-
-
-@pytest.fixture
-def one_process_mesh(tmp_path: Path) -> Iterator[Any]:
-    """A gloo process group of this process alone and its 2-D mesh as ModelParallelStrategy builds it."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_mixed_precision_follows_the_trainer_precision() -> None:

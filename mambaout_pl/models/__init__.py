@@ -1,9 +1,10 @@
-"""Models: MambaOut, a registry that also reaches timm's models, and checkpoint loading."""
+"""Models: MambaOut, the visual Mamba models it is compared with, a registry that also reaches timm's models, and checkpoint loading."""
 
 from .backbones import FeatureBackbone
 from .detector import RCNNDetector
 from .inference import segment, slide_inference, whole_inference
 from .mambaout import MambaOut
+from .mambavision import MambaVision
 from .mixers import MixerSpec
 from .registry import (
     UnknownModelError,
@@ -19,6 +20,7 @@ from .registry import (
 )
 from .segmentor import UperNetSegmentor
 from .upernet import FCNHead, UperNetHead
+from .vim import VisionMamba
 from .weights import (
     CheckpointError,
     CheckpointMismatchError,
@@ -29,6 +31,8 @@ from .weights import (
 
 __all__ = [
     "MambaOut",
+    "VisionMamba",
+    "MambaVision",
     "create_model",
     "list_models",
     "register_model",

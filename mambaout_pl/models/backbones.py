@@ -12,7 +12,9 @@ from .feature_pyramid import SimpleFeaturePyramid
 from .registry import create_model, resolve_model
 from .weights import CheckpointError
 
-__all__ = ["FeatureBackbone"]
+__all__ = ["FeatureBackbone", "LAST_FOUR"]
+
+LAST_FOUR = (-4, -3, -2, -1)
 
 
 class FeatureBackbone(nn.Module):
@@ -27,7 +29,9 @@ class FeatureBackbone(nn.Module):
     Args:
         name: A model name: ours, a dotted class path, or a timm model.
         out_indices: Stages (feature levels) to return; negative values count from the last, so the
-            default is the last four (timm's ResNets have a stride-2 level before them).
+            default is the last four (timm's ResNets have a stride-2 level before them). For one of
+            our plain models (every block one level of one stride, Vision Mamba) the default takes
+            four evenly spaced blocks instead, as Vim's and BEiT's dense-task backbones do.
         pretrained: A local checkpoint file to start from (ImageNet weights); None for random weights.
         drop_path_rate: Stochastic depth rate of the last block (passed only when above 0).
         simple_pyramid: Rescale the maps with a `SimpleFeaturePyramid`; None: when they are four maps
@@ -42,7 +46,7 @@ class FeatureBackbone(nn.Module):
     def __init__(
         self,
         name: str,
-        out_indices: Sequence[int] = (-4, -3, -2, -1),
+        out_indices: Sequence[int] = LAST_FOUR,
         pretrained: str | os.PathLike | None = None,
         drop_path_rate: float = 0.0,
         simple_pyramid: bool | None = None,
@@ -79,6 +83,8 @@ class FeatureBackbone(nn.Module):
         feature_info = getattr(self.model, "feature_info", None)
         if feature_info:
             num_stages = len(feature_info)
+            if tuple(out_indices) == LAST_FOUR and num_stages > 4 and len({f["reduction"] for f in feature_info}) == 1:
+                out_indices = [num_stages * quarter // 4 - 1 for quarter in (1, 2, 3, 4)]
             self.indices = _resolve_indices(out_indices, num_stages, name)
             self.channels = [feature_info[i]["num_chs"] for i in self.indices]
             self.reductions = [feature_info[i]["reduction"] for i in self.indices]
