@@ -46,6 +46,8 @@ SHORT = [
 ]
 # One small network of each family, for the checks that need no recipe.
 TINY: dict[str, dict[str, Any]] = {
+    "vanilla_vmamba_tiny": {"dims": 16, "depths": (1, 1, 2, 1)},
+    "vmamba_tiny_s1l8": {"dims": 16, "depths": (1, 1, 2, 1)},
     "vim_tiny": {"embed_dim": 32, "depth": 4, "d_state": 8, "patch_size": 8, "stride": 8},
     "mamba_vision_T": {
         "dim": 16,
@@ -56,7 +58,12 @@ TINY: dict[str, dict[str, Any]] = {
     },
 }
 # Strides of the maps the dense heads get: a plain model's (patch 8) through the simple feature pyramid.
-TINY_REDUCTIONS = {"vim_tiny": [2, 4, 8, 16], "mamba_vision_T": [4, 8, 16, 32]}
+TINY_REDUCTIONS = {
+    "vanilla_vmamba_tiny": [4, 8, 16, 32],
+    "vmamba_tiny_s1l8": [4, 8, 16, 32],
+    "vim_tiny": [2, 4, 8, 16],
+    "mamba_vision_T": [4, 8, 16, 32],
+}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -21,6 +21,7 @@ from .registry import (
 from .segmentor import UperNetSegmentor
 from .upernet import FCNHead, UperNetHead
 from .vim import VisionMamba
+from .vmamba import VSSM
 from .weights import (
     CheckpointError,
     CheckpointMismatchError,
@@ -33,6 +34,7 @@ __all__ = [
     "MambaOut",
     "VisionMamba",
     "MambaVision",
+    "VSSM",
     "create_model",
     "list_models",
     "register_model",

@@ -90,9 +90,10 @@ def convert_official_state_dict(state_dict: Mapping) -> dict[str, torch.Tensor]:
 def load_pretrained(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
     """Load weights from a checkpoint file, an export folder or `hf-hub:user/repo` into `model` (in place).
 
-    Accepts timm state dicts (`.pth`, `.bin`, `.safetensors`) and the official MambaOut release
-    (renamed with `convert_official_state_dict`), bare or inside a training checkpoint. When the
-    file's classifier has a different number of classes than the model's, the file's classifier
+    Accepts timm state dicts (`.pth`, `.bin`, `.safetensors`), the official MambaOut release
+    (renamed with `convert_official_state_dict`) and the official releases of the visual Mamba models
+    (a model's `checkpoint_filter_fn(state_dict)` renames older key layouts), bare or inside a
+    training checkpoint. When the file's classifier has a different number of classes than the model's, the file's classifier
     is skipped (with a warning) and the model keeps its freshly initialised one. When the model
     takes another number of input channels than the file's first conv (`pretrained_cfg['first_conv']`,
     e.g. `in_chans=1` for grayscale or 4 for RGB-NIR), its weights are adapted as timm's
@@ -109,6 +110,9 @@ def load_pretrained(model: nn.Module, path: PathLike, strict: bool = True) -> nn
     model_state = model.state_dict()
 
     state_dict = _match_key_names(state_dict, model_state)
+    checkpoint_filter = getattr(model, "checkpoint_filter_fn", None)
+    if callable(checkpoint_filter):  # a model's own renaming of older official key layouts (VMamba's)
+        state_dict = checkpoint_filter(state_dict)
     state_dict = _adapt_input_convs(model, state_dict, model_state, path)
 
     classifier_keys = _classifier_keys(model, state_dict, model_state)
