@@ -171,20 +171,15 @@ def long_sequence_report(
 
 
 def count_macs(model: nn.Module, image_size: tuple[int, int], batch_size: int = 1) -> int:
-    """Multiply-accumulates of one forward pass per image (FLOPs / 2, `FlopCounterMode`), plus the SSM scans.
+    """Multiply-accumulates of one forward pass per image (FLOPs / 2, `FlopCounterMode`), SSM scans included.
 
-    `FlopCounterMode` counts matrix products and convolutions; the selective scan is elementwise
-    work it does not see, so each `SelectiveScanMixer` adds its `scan_macs`. Run a meta-device
-    model for a count without compute.
+    Counted on a meta-device copy (no compute): `FlopCounterMode` counts matrix products and
+    convolutions, and the selective scans by VMamba's formula (`selective_scan_macs`: 9 per token,
+    channel and state, plus the skip), which the scan operator registers.
     """
-    scan_macs = []
-
-    def add_scan_macs(module: SelectiveScanMixer, args: tuple[torch.Tensor, ...]) -> None:
-        batch, height, width, _ = args[0].shape
-        scan_macs.append(module.scan_macs(batch, height, width))
-
-    hooks = [m.register_forward_pre_hook(add_scan_macs) for m in model.modules() if isinstance(m, SelectiveScanMixer)]
-    image = torch.empty(batch_size, getattr(model, "in_chans", 3), *image_size, device=_device_of(model))
+    if _device_of(model).type != "meta":
+        model = copy.deepcopy(model).to("meta")
+    image = torch.empty(batch_size, getattr(model, "in_chans", 3), *image_size, device="meta")
     was_training = model.training
     try:
         model.eval()
@@ -192,9 +187,7 @@ def count_macs(model: nn.Module, image_size: tuple[int, int], batch_size: int = 
             model(image)
     finally:
         model.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    return (counter.get_total_flops() // 2 + sum(scan_macs)) // batch_size
+    return counter.get_total_flops() // 2 // batch_size
 
 
 def measure_throughput(

@@ -296,6 +296,7 @@ TOOL_COMMANDS: dict[str, str] = {
     "consolidate": "mambaout_pl.training.sharded_checkpoint:consolidate_main",
     "analyze": "mambaout_pl.analysis:analyze_main",
     "profile": "mambaout_pl.analysis:profile_main",
+    "compare": "mambaout_pl.compare.command:compare_main",
 }
 #: One line each for ``mambaout --help``.
 TOOL_COMMAND_HELP: dict[str, str] = {
@@ -304,6 +305,7 @@ TOOL_COMMAND_HELP: dict[str, str] = {
     "consolidate": "Write a sharded checkpoint folder (ModelParallelStrategy) as one checkpoint file.",
     "analyze": "Tokens against 6 x channels per stage: the paper's long-sequence criterion.",
     "profile": "Parameters, GMACs and images per second of a model.",
+    "compare": "Train a recipe under several arms, sizes and seeds; report the metric with intervals and costs.",
 }
 
 

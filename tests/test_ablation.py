@@ -16,6 +16,12 @@ OVERLAYS = sorted((ROOT / "recipes" / "ablation").glob("*.yaml"))
 # Overlay -> (backbone_args, a state-dict key suffix only that mixer has, a key part it must not have).
 MIXERS = {
     "gated_conv": ({"token_mixer": "gated_conv"}, "stages.0.blocks.0.conv.weight", "conv.A_log"),
+    "gated_conv_k15": (
+        {"token_mixer": "gated_conv", "kernel_size": 15},
+        "stages.0.blocks.0.conv.weight",
+        "conv.A_log",
+    ),
+    "ssm_cross": ({"token_mixer": "ssm", "scan": "cross"}, "stages.0.blocks.0.conv.A_log", "conv.qkv"),
     "ssm_raster": ({"token_mixer": "ssm", "scan": "raster"}, "stages.0.blocks.0.conv.A_log", "conv.qkv"),
     "ssm_bidirectional": ({"token_mixer": "ssm", "scan": "bidirectional"}, "stages.0.blocks.0.conv.A_log", "conv.qkv"),
     "attention_causal": (
@@ -84,6 +90,9 @@ def test_overlay_fits_on_its_quick_start(quickstart: str, overlay: Path, tmp_pat
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     state_dict = checkpoint["state_dict"]
     assert any(key.endswith(present) for key in state_dict), present
+    side = backbone_args.get("kernel_size", 7)
+    mixer_weights = [value for key, value in state_dict.items() if key.endswith("blocks.0.conv.weight")]
+    assert backbone_args["token_mixer"] != "gated_conv" or {w.shape[-2:] for w in mixer_weights} == {(side, side)}
     assert not any(absent in key for key in state_dict)
     assert all(torch.isfinite(value).all() for value in state_dict.values() if value.is_floating_point())
     assert checkpoint["global_step"] == 2

@@ -236,3 +236,51 @@ def test_fused_block_uses_the_kernel_and_matches_aten_under_bf16_autocast(monkey
     for name, grad in aten.items():
         assert ours[name].dtype == grad.dtype, name
         torch.testing.assert_close(ours[name], grad, rtol=2**-7, atol=2**-7 * grad.abs().max().item())
+
+
+# Kernel size as an ablation axis: the kernel covers the odd sizes 3-15, larger ones fall back to oneDNN.
+
+
+@pytest.mark.parametrize("kernel", [13, 15])
+def test_the_large_kernels_weight_grad_equals_conv2d_weight(kernel):
+    grad, x = channels_last_pair(2, 20, 17, 12)  # wider than the 13 and 15 kernels, 20 channels off the SIMD width
+    got = dw.depthwise_conv2d_weight_grad(grad, x, kernel)
+    assert got.shape == (20, 1, kernel, kernel)
+    assert_relative_close(got, exact_weight_grad(grad, x, kernel), rtol=1e-5)
+
+
+def test_kernels_beyond_the_compiled_sizes_warn_once_and_match_aten(monkeypatch):
+    monkeypatch.setattr(dw, "_warned_sizes", set())
+    grad, x = channels_last_pair(2, 12, 9, 21)
+    mask = [True, True, True]
+    for kernel in (15, 17):
+        weight = torch.randn(12, 1, kernel, kernel)
+        padding = kernel // 2
+        expected = torch.ops.aten.convolution_backward(
+            grad, x, weight, [12], [1, 1], [padding, padding], [1, 1], False, [0, 0], 12, mask
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first = dw.depthwise_conv2d_backward(grad, x, weight, padding, mask)
+            second = dw.depthwise_conv2d_backward(grad, x, weight, padding, mask)
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        if kernel == 15:
+            assert messages == []
+        else:
+            assert len(messages) == 1 and "a 17x17 kernel's comes from oneDNN" in messages[0], messages
+        for got in (first, second):
+            for g, e in zip(got, expected):
+                assert_relative_close(g, e, rtol=1e-5)
+
+
+def test_fused_block_with_a_15x15_kernel_trains_as_the_plain_module_code():
+    torch.manual_seed(0)
+    fused = GatedCNNBlock(24, kernel_size=15)
+    plain = GatedCNNBlock(24, kernel_size=15, fused=False)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 10, 17, 24)
+    expected = fused_block_gradients(plain, x)
+    got = fused_block_gradients(fused, x)
+    assert got["conv.weight"].shape == (24, 1, 15, 15)
+    for grad, reference in zip(got.values(), expected.values()):
+        assert_relative_close(grad, reference, rtol=1e-5)

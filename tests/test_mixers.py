@@ -15,6 +15,7 @@ from mambaout_pl.models.mixers import (
     DepthwiseConvMixer,
     MixerSpec,
     SelectiveScanMixer,
+    chunked_selective_scan,
     create_mixer,
     selective_scan,
     stage_mixers,
@@ -463,7 +464,7 @@ def test_pure_pytorch_scan_matches_the_mamba_ssm_kernel():
     D, bias = torch.randn(channels, device=device), torch.randn(channels, device=device)
     kernel = mixers.selective_scan_fn(u, delta, A, B, C, D, delta_bias=bias, delta_softplus=True)
     for chunk_size in (None, 64, length):
-        ours = selective_scan(u, delta, A, B, C, D, delta_bias=bias, delta_softplus=True, chunk_size=chunk_size)
+        ours = chunked_selective_scan(u, delta, A, B, C, D, delta_bias=bias, delta_softplus=True, chunk_size=chunk_size)
         torch.testing.assert_close(ours, kernel, atol=1e-4, rtol=1e-4)
 
     for scan in ("raster", "bidirectional", "cross"):
@@ -473,3 +474,29 @@ def test_pure_pytorch_scan_matches_the_mamba_ssm_kernel():
             with_kernel = mixer(x)
             mixer.use_kernel = False
             torch.testing.assert_close(mixer(x), with_kernel, atol=1e-4, rtol=1e-4)
+
+
+# Kernel size as an ablation axis
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 8, 33, 7.0])
+def test_gated_conv_kernel_size_must_be_odd_from_3_to_31(kernel_size):
+    with pytest.raises(ValueError, match=rf"kernel_size={kernel_size!r} must be an odd integer from 3 to 31"):
+        DepthwiseConvMixer(8, kernel_size=kernel_size)
+
+
+@pytest.mark.parametrize("kernel_size", [3, 15, 31])
+def test_gated_conv_kernel_size_reaches_every_block_and_keeps_the_token_grid(kernel_size):
+    model = small_model(kernel_size=kernel_size)
+    convs = [block.conv for stage in model.stages for block in stage.blocks]
+    assert {conv.kernel_size for conv in convs} == {(kernel_size, kernel_size)}
+    assert {conv.padding for conv in convs} == {(kernel_size // 2, kernel_size // 2)}
+    x = torch.randn(1, 9, 11, 16)
+    assert convs[0](x).shape == x.shape
+    seven = small_model().state_dict()
+    wide = model.state_dict()
+    assert wide.keys() == seven.keys()  # only the depthwise weights change shape
+    changed = {key for key in seven if seven[key].shape != wide[key].shape}
+    mixer_weights = {key for key in seven if ".blocks." in key and key.endswith(".conv.weight")}
+    assert len(mixer_weights) == sum(SMALL["depths"])
+    assert changed == (mixer_weights if kernel_size != 7 else set())

@@ -151,8 +151,14 @@ def write_export(task: BaseTask, checkpoint: dict[str, Any], checkpoint_path: Pa
 
 
 def _as_timm_model(network: torch.nn.Module, spec: ExportSpec) -> torch.nn.Module | None:
-    """timm's own model holding ``network``'s weights, or None when timm cannot build it."""
-    if not timm.is_model(spec.model_name):
+    """timm's own model holding ``network``'s weights, or None when timm cannot build it.
+
+    Only timm's own models count: a package that registers its models in timm's registry (the
+    official `mambavision` does) is not what `timm.create_model("hf-hub:...")` builds elsewhere.
+    """
+    if not timm.is_model(spec.model_name) or not timm.models.model_entrypoint(spec.model_name).__module__.startswith(
+        "timm."
+    ):
         return None
     try:
         model = timm.create_model(spec.model_name, pretrained=False, **spec.model_args)

@@ -12,17 +12,14 @@ the convolution itself on CPU, although it has the same multiply-adds. Here:
 
 Where the kernel cannot be built or loaded (no compiler, no OpenMP, another platform) the weight
 gradient comes from `aten.convolution_backward`, after one warning; `MAMBAOUT_PL_DEPTHWISE_KERNEL=0`
-chooses that path without the warning. Other devices (CUDA: cuDNN), dtypes and kernel sizes run
-`aten.convolution_backward` whole.
+chooses that path without the warning. The kernel covers the odd sizes `KERNEL_SIZES` (3 to 15);
+a larger odd kernel takes its weight gradient from `aten.convolution_backward`, after one warning
+per size. Other devices (CUDA: cuDNN), dtypes and even kernel sizes run `aten.convolution_backward`
+whole.
 """
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -31,6 +28,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .cpu_kernels import KernelUnavailableError, build_library
 
 __all__ = [
     "KERNEL_SIZES",
@@ -42,14 +41,10 @@ __all__ = [
     "load_kernel",
 ]
 
-KERNEL_SIZES = (3, 5, 7, 9, 11)
+KERNEL_SIZES = (3, 5, 7, 9, 11, 13, 15)
 SOURCE = Path(__file__).parent / "csrc" / "depthwise_conv2d_weight_grad.cpp"
 COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-
-
-class KernelUnavailableError(RuntimeError):
-    """The weight-gradient kernel could not be compiled or loaded on this machine."""
 
 
 class _Kernel:
@@ -85,57 +80,12 @@ class _Kernel:
             raise ValueError(f"depthwise_conv2d_weight_grad: unsupported kernel size {kernel_size} or dtype")
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("MAMBAOUT_PL_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "mambaout_pl") / "kernels"
-
-
-def _find_compiler() -> str:
-    named = os.environ.get("CXX")
-    for candidate in [named] if named else ["c++", "g++", "clang++"]:
-        found = shutil.which(candidate)
-        if found:
-            return found
-    looked_for = f"$CXX={named}" if named else "c++, g++ or clang++"
-    raise KernelUnavailableError(f"no C++ compiler found ({looked_for} on PATH)")
-
-
 def build_kernel(compiler: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
     """The compiled kernel's path in `cache_dir`, compiling it with `compiler` unless it is there already.
 
-    The file name holds a hash of the source, the flags and the machine architecture; a new build
-    is written beside it and renamed into place, so processes building at once do not collide.
+    See `cpu_kernels.build_library`: reused from the cache by a hash of source, flags and machine.
     """
-    cache = Path(cache_dir) if cache_dir is not None else _cache_dir()
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(COMPILE_FLAGS).encode() + platform.machine().encode()).hexdigest()[:16]
-    target = cache / f"{SOURCE.stem}-{key}.so"
-    if target.is_file():
-        return target
-    compiler = compiler or _find_compiler()
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(suffix=".so", dir=cache)
-        os.close(handle)
-    except OSError as error:
-        raise KernelUnavailableError(
-            f"cannot write to {cache} ({error}); set MAMBAOUT_PL_CACHE to a writable folder"
-        ) from error
-    try:
-        result = subprocess.run(
-            [compiler, *COMPILE_FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True, timeout=300
-        )
-        if result.returncode != 0:
-            raise KernelUnavailableError(
-                f"{compiler} failed on {SOURCE.name} (exit {result.returncode}): {result.stderr.strip()[-1000:]}"
-            )
-        os.replace(partial, target)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise KernelUnavailableError(f"{compiler} could not compile {SOURCE.name}: {error}") from error
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    return target
+    return build_library(SOURCE, COMPILE_FLAGS, compiler, cache_dir)
 
 
 def load_kernel(compiler: str | None = None, cache_dir: str | os.PathLike | None = None) -> _Kernel:
@@ -221,9 +171,29 @@ def _cpu_paths_apply(input: torch.Tensor, weight: torch.Tensor, padding: int) ->
     return (
         input.device.type == "cpu"
         and input.dtype in _DTYPES
-        and weight.shape[-2] == kernel_size in KERNEL_SIZES
+        and weight.shape[-2] == kernel_size
+        and kernel_size % 2 == 1
         and padding == kernel_size // 2
     )
+
+
+_warned_sizes: set[int] = set()
+
+
+def _kernel_covers(kernel_size: int) -> bool:
+    """Whether the compiled kernel computes this size; beyond `KERNEL_SIZES`, False after one warning per size."""
+    if kernel_size in KERNEL_SIZES:
+        return True
+    if kernel_size not in _warned_sizes:
+        _warned_sizes.add(kernel_size)
+        warnings.warn(
+            f"The depthwise convolution's weight-gradient kernel covers kernel sizes {KERNEL_SIZES[0]} to "
+            f"{KERNEL_SIZES[-1]}; a {kernel_size}x{kernel_size} kernel's comes from oneDNN on CPU, several times "
+            "slower.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
 
 
 def _aten_backward(
@@ -262,7 +232,7 @@ def depthwise_conv2d_backward(
     grad_input = grad_weight = grad_bias = None
     if output_mask[0]:
         grad_input = F.conv2d(grad_output, weight.flip((-2, -1)), padding=padding, groups=input.shape[1])
-    if output_mask[1] and not _disabled and _kernel() is not None:
+    if output_mask[1] and not _disabled and _kernel() is not None and _kernel_covers(weight.shape[-1]):
         grad_weight = depthwise_conv2d_weight_grad(grad_output, input, weight.shape[-1])
     elif output_mask[1]:
         _, grad_weight, grad_bias = _aten_backward(grad_output, input, weight, padding, (False, True, output_mask[2]))

@@ -202,13 +202,6 @@ class BidirectionalMamba(nn.Module):
             y = y / 2
         return self.out_proj(y.transpose(1, 2))
 
-    def scan_macs(self, batch: int, length: int) -> int:
-        """Multiply-accumulates of the two scans of a `[batch, length, dim]` input.
-
-        Per token, channel and direction `4 * d_state + 2`, as `SelectiveScanMixer.scan_macs` counts.
-        """
-        return batch * length * 2 * self.d_inner * (4 * self.d_state + 2)
-
 
 class Block(nn.Module):
     """`norm -> mixer` on the residual stream `[B, L, C]`; the model adds the output back to the stream.

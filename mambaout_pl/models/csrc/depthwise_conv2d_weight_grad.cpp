@@ -10,6 +10,7 @@
 // column tiles whose k input rows stay in the L1 cache. The images' partial sums are added in
 // a fixed order, so the result does not depend on the number of threads.
 //
+// Odd K from 3 to 15; each size is one instantiation per SIMD width, so each adds compile time.
 // Built on first use by mambaout_pl/models/depthwise_conv_backward.py with the machine's C++
 // compiler and OpenMP; the SIMD width is chosen at run time (AVX-512, AVX2, else 128-bit), so
 // one build runs on any CPU of its architecture.
@@ -129,7 +130,9 @@ typedef void (*item_fn)(const void*, const void*, int, int64_t, int64_t, int64_t
   DEFINE_ITEM(item5_##ISA, ATTRIBUTES, V, L, 5, U) \
   DEFINE_ITEM(item7_##ISA, ATTRIBUTES, V, L, 7, U) \
   DEFINE_ITEM(item9_##ISA, ATTRIBUTES, V, L, 9, U) \
-  DEFINE_ITEM(item11_##ISA, ATTRIBUTES, V, L, 11, U)
+  DEFINE_ITEM(item11_##ISA, ATTRIBUTES, V, L, 11, U) \
+  DEFINE_ITEM(item13_##ISA, ATTRIBUTES, V, L, 13, U) \
+  DEFINE_ITEM(item15_##ISA, ATTRIBUTES, V, L, 15, U)
 
 #if defined(__x86_64__) || defined(__i386__)
 DEFINE_ITEMS(avx512, __attribute__((target("avx512f"))), f32x16, 16, 4)
@@ -139,14 +142,15 @@ DEFINE_ITEMS(base, , f32x4, 4, 1)
 
 item_fn select_item(int K, int isa) {
   const int index = (K - 3) / 2;
-  if (K < 3 || K > 11 || K % 2 == 0) return nullptr;
+  if (K < 3 || K > 15 || K % 2 == 0) return nullptr;
 #if defined(__x86_64__) || defined(__i386__)
-  static const item_fn avx512[] = {item3_avx512, item5_avx512, item7_avx512, item9_avx512, item11_avx512};
-  static const item_fn avx2[] = {item3_avx2, item5_avx2, item7_avx2, item9_avx2, item11_avx2};
+  static const item_fn avx512[] = {item3_avx512, item5_avx512, item7_avx512, item9_avx512,
+                                   item11_avx512, item13_avx512, item15_avx512};
+  static const item_fn avx2[] = {item3_avx2, item5_avx2, item7_avx2, item9_avx2, item11_avx2, item13_avx2, item15_avx2};
   if (isa == 2) return avx512[index];
   if (isa == 1) return avx2[index];
 #endif
-  static const item_fn base[] = {item3_base, item5_base, item7_base, item9_base, item11_base};
+  static const item_fn base[] = {item3_base, item5_base, item7_base, item9_base, item11_base, item13_base, item15_base};
   return base[index];
 }
 

@@ -15,7 +15,14 @@ with its channel count, and resolves a model's per-stage choice (`stage_mixers`)
 from .attention import AttentionMixer
 from .factory import TOKEN_MIXERS, MixerLayer, MixerSpec, create_mixer, mixer_arguments, mixer_layer, stage_mixers
 from .gated_conv import DepthwiseConvMixer
-from .ssm import SCANS, SelectiveScanMixer, selective_scan, selective_scan_fn
+from .ssm import (
+    SCANS,
+    SelectiveScanMixer,
+    chunked_selective_scan,
+    selective_scan,
+    selective_scan_fn,
+    selective_scan_macs,
+)
 
 __all__ = [
     "DepthwiseConvMixer",
@@ -26,6 +33,8 @@ __all__ = [
     "MixerLayer",
     "MixerSpec",
     "selective_scan",
+    "chunked_selective_scan",
+    "selective_scan_macs",
     "selective_scan_fn",
     "create_mixer",
     "mixer_layer",

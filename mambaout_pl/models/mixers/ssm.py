@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import selective_scan_kernel
+from ..selective_scan_kernel import selective_scan_macs
 from .gated_conv import DepthwiseConvMixer
 
 try:  # the CUDA kernel of the Mamba authors, used for GPU inputs when installed
@@ -13,7 +15,9 @@ try:  # the CUDA kernel of the Mamba authors, used for GPU inputs when installed
 except ImportError:
     selective_scan_fn = None
 
-__all__ = ["SCANS", "SelectiveScanMixer", "selective_scan"]
+__all__ = ["SCANS", "SelectiveScanMixer", "chunked_selective_scan", "selective_scan", "selective_scan_macs"]
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Token orders of the SSM scans: row-major (raster) or column-major, forwards or reversed.
 SCANS: dict[str, tuple[str, ...]] = {
@@ -30,14 +34,22 @@ def selective_scan(
     B: torch.Tensor,
     C: torch.Tensor,
     D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Selective state-space scan (S6) in pure PyTorch; the arguments of `mamba_ssm`'s `selective_scan_fn`.
+    """Selective state-space scan (S6): the arguments and results of `mamba_ssm`'s `selective_scan_fn`.
 
-    `h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t`, `y_t = C_t . h_t + D * u_t` per channel,
-    from `h_{-1} = 0`.
+    `h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t` per channel from `h_{-1} = 0`, and
+    `y_t = (C_t . h_t + D * u_t) * silu(z_t)`.
+
+    Runs `mamba_ssm`'s CUDA kernel for CUDA inputs where it is installed, the compiled CPU kernel
+    (`selective_scan_kernel`) for float32, bfloat16 and float16 inputs on the CPU where it builds
+    (and its operator on the meta device, so `FlopCounterMode` counts the scan by its formula),
+    else `chunked_selective_scan`. While a graph is traced or exported
+    (torch.compile, torch.export, ONNX export, torch.jit.trace) it is always `chunked_selective_scan`,
+    so the graph holds only ATen operators.
 
     Args:
         u: Inputs `[batch, channels, length]`.
@@ -47,14 +59,46 @@ def selective_scan(
             channels are split into `groups` consecutive blocks that share them.
         C: Output projections, shaped like `B`.
         D: Skip weights `[channels]`.
+        z: Gate `[batch, channels, length]`: the output is multiplied by `silu(z)`.
         delta_bias: Added to `delta` `[channels]`.
         delta_softplus: Pass `delta` (plus bias) through softplus.
-        chunk_size: Tokens per chunk. The chunks run side by side: the state entering each chunk
-            comes from a parallel scan over the chunks, then each chunk steps through its tokens.
-            None: one chunk (a plain sequential scan, the fastest on CPU) for CPU inputs, 64 for
-            GPU inputs.
+        chunk_size: Tokens per chunk of `chunked_selective_scan` where it runs.
     Returns:
         `y`, `[batch, channels, length]`, in the dtype of `u` (computed in float32).
+    """
+    _check_scan_arguments(u, delta, A, B, C, D, z, delta_bias)
+    if not _tracing():
+        if u.is_cuda and selective_scan_fn is not None:
+            args = (t if t is None else t.float() for t in (u, delta, A, B, C, D, z, delta_bias))
+            return selective_scan_fn(*args, delta_softplus=delta_softplus).to(u.dtype)
+        on_meta = u.device.type == "meta"  # shapes and FLOP counts only: the operator's fake kernel, built or not
+        if u.dtype in _KERNEL_DTYPES and (
+            on_meta or (u.device.type == "cpu" and selective_scan_kernel.kernel_available())
+        ):
+            if B.dim() == 3:
+                B, C = B.unsqueeze(1), C.unsqueeze(1)
+            return selective_scan_kernel.selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return chunked_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size)
+
+
+def chunked_selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """`selective_scan` in pure PyTorch on any device, with the same arguments.
+
+    `chunk_size` tokens per chunk: the chunks run side by side, the state entering each chunk from
+    a parallel scan over the chunks, then each chunk steps through its tokens. None: one chunk (a
+    plain sequential scan, the fastest on CPU) for CPU inputs, 64 for GPU inputs, and `sqrt(length)`
+    while a graph is traced or exported (the graph unrolls the steps: 2 sqrt(length) instead of length).
     """
     dtype = u.dtype
     batch, channels, length = u.shape
@@ -66,8 +110,8 @@ def selective_scan(
         delta = delta + delta_bias.float()[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    if chunk_size is None:
-        chunk_size = 64 if u.is_cuda else length
+    if chunk_size is None:  # a traced graph unrolls every step: sqrt(length) chunks of sqrt(length) steps
+        chunk_size = 64 if u.is_cuda else math.ceil(math.sqrt(length)) if _tracing() else length
 
     grouped = (batch, groups, channels // groups, length, 1)
     log_decay = delta.view(grouped) * A.view(1, groups, channels // groups, 1, state)
@@ -76,7 +120,56 @@ def selective_scan(
     y = y.reshape(batch, channels, length)
     if D is not None:
         y = y + D.float()[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.float())
     return y.to(dtype)
+
+
+def _tracing() -> bool:
+    """Whether a graph is being traced or exported (dynamo, torch.export, ONNX export, torch.jit.trace)."""
+    return (
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
+def _check_scan_arguments(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+) -> None:
+    if u.dim() != 3 or A.dim() != 2:
+        raise ValueError(
+            f"selective_scan: u {tuple(u.shape)} must be [batch, channels, length] and A {tuple(A.shape)} "
+            "[channels, state]"
+        )
+    batch, channels, length = u.shape
+    state = A.shape[1]
+    wrong = [
+        f"{name} {tuple(t.shape)}" for name, t in (("delta", delta), ("z", z)) if t is not None and t.shape != u.shape
+    ]
+    if wrong:
+        raise ValueError(f"selective_scan: {' and '.join(wrong)} must have the shape of u, {tuple(u.shape)}")
+    if A.shape[0] != channels:
+        raise ValueError(f"selective_scan: A {tuple(A.shape)} must be [channels, state] with u's {channels} channels")
+    grouped = B.dim() == 4
+    if B.dim() not in (3, 4) or C.shape != B.shape or B.shape[0] != batch or B.shape[-2:] != (state, length):
+        raise ValueError(
+            f"selective_scan: B {tuple(B.shape)} and C {tuple(C.shape)} must both be [batch, groups, state, length] "
+            f"or [batch, state, length] = [{batch}, {state}, {length}]"
+        )
+    if grouped and channels % B.shape[1] != 0:
+        raise ValueError(f"selective_scan: {B.shape[1]} groups of B and C must divide the {channels} channels")
+    for name, value in (("D", D), ("delta_bias", delta_bias)):
+        if value is not None and value.shape != (channels,):
+            raise ValueError(f"selective_scan: {name} {tuple(value.shape)} must be [channels] = [{channels}]")
 
 
 def _chunked_scan(
@@ -149,9 +242,11 @@ class SelectiveScanMixer(nn.Module):
         kernel_size: Size of the depthwise conv before the scan.
         d_state: State size per channel (N).
         dt_rank: Rank of the step-size projection; None gives ceil(dim / 16).
-        chunk_size: Tokens per chunk of the pure-PyTorch scan (see `selective_scan`); None picks
-            by device.
-        use_kernel: Use `mamba_ssm`'s CUDA `selective_scan_fn` for GPU inputs when it is installed.
+        chunk_size: Tokens per chunk of the pure-PyTorch scan (see `chunked_selective_scan`); None
+            picks by device.
+        use_kernel: Scan with the compiled kernels where they apply (see `selective_scan`):
+            `mamba_ssm`'s CUDA `selective_scan_fn` for GPU inputs when it is installed, the C++
+            kernel on CPU. False: always the pure-PyTorch `chunked_selective_scan`.
         dt_min: Smallest initial step size.
         dt_max: Largest initial step size.
     """
@@ -228,10 +323,8 @@ class SelectiveScanMixer(nn.Module):
             Cs.contiguous(),
             self.D.float(),
         )
-        if self.use_kernel and selective_scan_fn is not None and x.is_cuda:
-            y = selective_scan_fn(*(t.float() for t in scan_args), delta_bias=self.dt_bias.float(), delta_softplus=True)
-        else:
-            y = selective_scan(*scan_args, delta_bias=self.dt_bias, delta_softplus=True, chunk_size=self.chunk_size)
+        scan = selective_scan if self.use_kernel else chunked_selective_scan
+        y = scan(*scan_args, delta_bias=self.dt_bias, delta_softplus=True, chunk_size=self.chunk_size)
         y = y.to(x.dtype).view(batch, len(self.directions), channels, length)
 
         out = 0
@@ -242,12 +335,3 @@ class SelectiveScanMixer(nn.Module):
             else:
                 out = out + seq.view(batch, channels, height, width)
         return out.permute(0, 2, 3, 1)
-
-    def scan_macs(self, batch: int, height: int, width: int) -> int:
-        """Multiply-accumulates of the scan itself, elementwise work that `FlopCounterMode` does not count.
-
-        Per token, channel and direction: `4 * d_state` (decay, input, state update, readout) plus
-        2 (`delta * u` and the skip `D * u`).
-        """
-        channels = self.x_proj_weight.shape[-1]
-        return batch * height * width * len(self.directions) * channels * (4 * self.d_state + 2)
