@@ -250,14 +250,44 @@ def profile_model(
     device: str | torch.device = "cpu",
 ) -> ModelProfile:
     """Parameters, MACs per image (meta device) and, if `steps > 0`, measured images per second of `name`."""
+    check_profile_settings(batch_size, steps, warmup)
     meta_model = build_model(name, image_size, model_args=model_args)
+    check_image_size(meta_model, name, image_size)
     params = sum(p.numel() for p in meta_model.parameters())
-    macs = count_macs(meta_model, image_size)
+    try:
+        macs = count_macs(meta_model, image_size)
+    except RuntimeError as error:
+        raise ValueError(
+            f"{name} does not run on {image_size[0]}x{image_size[1]} images: {str(error).splitlines()[0]}. "
+            "Give a larger --image-size."
+        ) from error
     speed = None
     if steps > 0:
         model = build_model(name, image_size, device=device, model_args=model_args)
         speed = measure_throughput(model, image_size, batch_size, steps, warmup, mode, precision)
     return ModelProfile(name, describe_token_mixers(meta_model), tuple(image_size), params, macs, speed)
+
+
+def check_profile_settings(batch_size: int, steps: int, warmup: int) -> None:
+    """Raise naming the setting when the batch is empty or a step count negative (0 timed steps: no speed)."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: a batch needs at least 1 image.")
+    if steps < 0:
+        raise ValueError(f"--steps {steps}: give a number of timed steps >= 1, or 0 to skip the throughput.")
+    if warmup < 0:
+        raise ValueError(f"--warmup {warmup}: give a number of untimed warm-up steps >= 0.")
+
+
+def check_image_size(model: nn.Module, name: str, image_size: tuple[int, int]) -> None:
+    """Raise when an image side is smaller than the model's total downsampling (its last stage would see padding only)."""
+    info = getattr(model, "feature_info", None)
+    reductions = [stage.get("reduction") for stage in info if isinstance(stage, dict)] if isinstance(info, list) else []
+    reduction = max((value for value in reductions if isinstance(value, int)), default=1)
+    if min(image_size) < reduction:
+        raise ValueError(
+            f"--image-size {image_size[0]} {image_size[1]} is too small for {name}: it downsamples by {reduction}, so "
+            f"each side must be at least {reduction} pixels."
+        )
 
 
 def describe_token_mixers(model: nn.Module) -> str:
@@ -430,6 +460,12 @@ def profile_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch decides)")
     args = parser.parse_args(argv)
     size = _image_size(parser, args.image_size)
+    try:
+        check_profile_settings(args.batch_size, args.steps, args.warmup)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads}: give at least 1 thread, or leave it out to let torch decide.")
     if args.threads:
         torch.set_num_threads(args.threads)
 

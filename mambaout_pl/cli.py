@@ -23,6 +23,16 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mambaout_pl import __version__
+from mambaout_pl.command_errors import (
+    ConciseArgumentParser,
+    ParserError,
+    check_recipe_files,
+    constructor_message,
+    describe_parser_error,
+    exit_with_error,
+    user_error,
+)
+from mambaout_pl.errors import CheckpointMismatchError, CheckpointNotFoundError, SettingsError
 from mambaout_pl.models import UntrustedNameError, resolve_trusted_class, untrusted_source
 from mambaout_pl.tasks import BaseTask
 from mambaout_pl.training.checkpoint_io import (
@@ -33,9 +43,12 @@ from mambaout_pl.training.checkpoint_io import (
     read_checkpoint,
 )
 from mambaout_pl.training.preemption import PreemptionCheckpoint
-from mambaout_pl.training.resume import saved_model_settings
+from mambaout_pl.training.resume import CHECKPOINT_KEY, saved_model_settings
 from mambaout_pl.training.run_folders import check_output_paths, reserve_log_versions
 from mambaout_pl.training.sharded_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint_metadata
+
+#: ``--ckpt_path`` values Lightning resolves itself (the trainer's own checkpoints, the model registry).
+LIGHTNING_CHECKPOINT_NAMES = ("best", "last", "hpc", "registry")
 
 #: ``checkpoint.monitor`` / ``checkpoint.mode`` value that stands for the task's ``monitor`` / ``mode``.
 TASK_DEFAULT = "auto"
@@ -99,6 +112,9 @@ class MambaOutCLI(LightningCLI):
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             plugins.append(AtomicCheckpointIO())
         trainer = super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
+        lr_monitor = config.get("lr_monitor")
+        if not trainer.loggers:  # the learning-rate monitor this CLI adds needs a logger to write to
+            trainer.callbacks = [callback for callback in trainer.callbacks if callback is not lr_monitor]
         check_output_paths(trainer, self.model)
         self._last_checkpoint = self._resolve_last_checkpoint(trainer)
         reserve_log_versions(trainer)
@@ -125,6 +141,12 @@ class MambaOutCLI(LightningCLI):
             checkpoint = read_sharded_checkpoint_metadata(ckpt_path)
         elif ckpt_path and Path(ckpt_path).is_file():
             checkpoint = read_checkpoint(ckpt_path)
+        elif ckpt_path and ckpt_path not in LIGHTNING_CHECKPOINT_NAMES and not str(ckpt_path).startswith("registry:"):
+            raise CheckpointNotFoundError(
+                f"--ckpt_path '{ckpt_path}' does not exist. Give the path of a checkpoint file (e.g. "
+                "<run>/checkpoints/last.ckpt) or folder, or `--ckpt_path last` to resume the newest run under "
+                "trainer.default_root_dir."
+            )
         else:
             return
         settings = saved_model_settings(checkpoint)
@@ -133,6 +155,7 @@ class MambaOutCLI(LightningCLI):
         source = f"checkpoint '{ckpt_path}'"
         self._user_names = frozenset(config_strings(self.config[subcommand].get("model")))
         check_saved_class_paths(settings, self._user_names, source)
+        check_checkpoint_task(checkpoint, self.config[subcommand], ckpt_path)
         self._checkpoint_source = source
         own_model = self.config[subcommand].get("model")
         own_model = None if own_model is None else own_model.clone()
@@ -148,13 +171,22 @@ class MambaOutCLI(LightningCLI):
             take_checkpoint_classes(self.config[subcommand], saved_label_names)
 
     def instantiate_classes(self) -> None:
-        """Build the task, data module and trainer; names that came from a checkpoint resolve as data."""
+        """Build the task, data module and trainer; names that came from a checkpoint resolve as data.
+
+        A value a constructor refuses raises :class:`~mambaout_pl.errors.SettingsError` with that
+        constructor's own message (jsonargparse would wrap it in a dump of every setting).
+        """
         source = getattr(self, "_checkpoint_source", None)
-        if source is None:
-            super().instantiate_classes()
-            return
-        with untrusted_source(source, user_names=self._user_names):
-            super().instantiate_classes()
+        try:
+            if source is None:
+                super().instantiate_classes()
+                return
+            with untrusted_source(source, user_names=self._user_names):
+                super().instantiate_classes()
+        except (ValueError, TypeError) as error:
+            if user_error(error) is not None:
+                raise
+            raise SettingsError(constructor_message(error)) from error
 
     def before_instantiate_classes(self) -> None:
         """Give ``checkpoint.monitor`` / ``checkpoint.mode`` left at ``auto`` the task's values."""
@@ -232,6 +264,27 @@ def task_class_of(model: Any) -> type:
     return getattr(importlib.import_module(module_name), class_name)
 
 
+def check_checkpoint_task(checkpoint: Mapping[str, Any], config: Any, ckpt_path: str) -> None:
+    """Raise :class:`CheckpointMismatchError` when ``validate``/``test``/``predict`` get a checkpoint of another
+    task than the config's (its task class recorded when saved, already checked as trusted), rather than let
+    the checkpoint's network meet the config's data."""
+    recorded = (checkpoint.get(CHECKPOINT_KEY) or {}).get("task")
+    model = config.get("model")
+    if not isinstance(recorded, str) or model is None or model.get("class_path") is None:
+        return
+    own, theirs = task_class_of(model), task_class_of({"class_path": recorded})
+    if issubclass(theirs, own) or issubclass(own, theirs):
+        return
+    recipes = ", ".join(f"'{path}'" for path in config.get("config") or []) or "the command line"
+    run_config = Path(ckpt_path).parent.parent / "config.yaml"
+    hint = f"its run's config (--config {run_config})" if run_config.is_file() else "the recipe that trained it"
+    raise CheckpointMismatchError(
+        f"'{ckpt_path}' is a checkpoint of {recorded}, but {recipes} sets up {model.get('class_path')}: a network "
+        f"of another task, which this command cannot evaluate on that task's data. Give {hint}, or a checkpoint "
+        f"of {model.get('class_path')}."
+    )
+
+
 def keep_output_settings(config: Any, own_model: Any) -> None:
     """Give the run's own values back to the task's ``output_settings`` (where and how it writes
     predictions), which the checkpoint's settings replaced: they describe this run, not the network."""
@@ -278,14 +331,21 @@ def record_precision(config: Any, trainer: Trainer) -> None:
         trainer_config["precision"] = trainer.precision
 
 
-def run_cli(args: ArgsType = None) -> MambaOutCLI:
-    """Parse ``args`` (default: the command line), run the subcommand and return the CLI."""
+def run_cli(
+    args: ArgsType = None, parser_class: type[LightningArgumentParser] = LightningArgumentParser
+) -> MambaOutCLI:
+    """Parse ``args`` (default: the command line), run the subcommand and return the CLI.
+
+    ``parser_class``: :class:`~mambaout_pl.command_errors.ConciseArgumentParser` raises the parser's
+    refusals instead of printing its usage (what ``main`` reports in one line).
+    """
     return MambaOutCLI(
         BaseTask,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,
+        parser_class=parser_class,
     )
 
 
@@ -345,7 +405,16 @@ def main(args: list[str] | None = None) -> int | None:
     if argv and argv[0] in TOOL_COMMANDS:
         module_name, function_name = TOOL_COMMANDS[argv[0]].split(":")
         return getattr(importlib.import_module(module_name), function_name)(argv[1:])
-    run_cli(args)  # None: Lightning reads the command line itself
+    try:
+        check_recipe_files(argv)
+        run_cli(args, parser_class=ConciseArgumentParser)  # None: Lightning reads the command line itself
+    except ParserError as error:  # a mistake in the command line or a recipe: one line, no usage dump
+        exit_with_error(describe_parser_error(error, argv))
+    except Exception as error:  # the user's data, files or settings: the message, no traceback
+        cause = user_error(error)
+        if cause is None:
+            raise
+        exit_with_error(str(cause))
     close_process_group()
     return None
 

@@ -15,8 +15,16 @@ class UnsafeCheckpointError(CheckpointError):
     """A torch file that holds Python objects other than tensors and plain containers."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A ``--ckpt_path`` that names no file or checkpoint folder."""
+
+
 class CheckpointMismatchError(CheckpointError):
     """A checkpoint whose task, weights or settings do not fit the model or run loading it."""
+
+
+class SettingsError(ValueError):
+    """A config value that the task, data module, trainer or a callback refused when built."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -29,6 +37,10 @@ class OutputPathError(ValueError):
 
 class OutputExistsError(FileExistsError):
     """A file the run would write exists already (an earlier run's): it is never overwritten."""
+
+
+class OutputInUseError(OutputExistsError):
+    """A file or folder that another command running now has reserved for its outputs."""
 
 
 class OutputWriteError(OSError):

@@ -39,3 +39,21 @@ class WaitForSignal(Callback):
         deadline = time.monotonic() + self.timeout
         while preemption.received is None and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+class HoldPrediction(Callback):
+    """Before the first predicted batch, write ``marker`` and wait (up to ``timeout`` s) until ``release`` exists:
+    the command then holds its outputs' reservation while a test starts another one."""
+
+    def __init__(self, marker: str, release: str, timeout: float = 120.0) -> None:
+        self.marker = Path(marker)
+        self.release = Path(release)
+        self.timeout = timeout
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if batch_idx != 0 or self.marker.exists():
+            return
+        self.marker.write_text("predicting\n")
+        deadline = time.monotonic() + self.timeout
+        while not self.release.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from mambaout_pl.cli import main
+from mambaout_pl.cli import main, run_cli
 from mambaout_pl.data import DataError, ImageClassificationDataModule, InvalidLabelError, SegmentationDataModule
 from mambaout_pl.models import create_model
 from mambaout_pl.tasks import ClassificationTask, SegmentationTask
@@ -174,7 +174,7 @@ def test_bad_argument_stops_the_cli_when_building_and_writes_nothing(
     root, scratch = tmp_path / "runs", tmp_path / "scratch"
     scratch.mkdir()
     with pytest.raises(error) as raised:
-        main(build(root, images, scratch))
+        run_cli(build(root, images, scratch))
     message = str(raised.value)
     assert re.search(pattern, message, flags=re.DOTALL), message
     assert not root.exists()  # refused before the Trainer made any folder
@@ -218,7 +218,7 @@ def test_fit_that_would_train_nothing_or_wrongly_stops_before_the_first_step(
 ) -> None:
     root = tmp_path / "runs"
     with pytest.raises(error) as raised:
-        main(fit_args(root, images, *extra))
+        run_cli(fit_args(root, images, *extra))
     assert re.search(pattern, str(raised.value), flags=re.DOTALL), str(raised.value)
     assert not list(root.rglob("*.ckpt"))
 

@@ -93,7 +93,9 @@ def test_unknown_backbone_names_close_matches(image_folder: Path, tmp_path: Path
     recipe = ROOT / "recipes" / "quickstart.yaml"
     # jsonargparse re-raises the task's UnknownModelError as a ValueError carrying its message.
     with pytest.raises(ValueError, match="Unknown model 'mambaout_fento'. Did you mean 'mambaout_femto'"):
-        main(["fit", f"--config={recipe}", *small_run_args(tmp_path, image_folder), "--model.backbone=mambaout_fento"])
+        run_cli(
+            ["fit", f"--config={recipe}", *small_run_args(tmp_path, image_folder), "--model.backbone=mambaout_fento"]
+        )
 
 
 def test_missing_recipe_file_exits_with_its_name(tmp_path: Path, capsys) -> None:

@@ -214,7 +214,7 @@ def test_grid_runs_resumes_skips_names_failures_and_writes_only_under_its_folder
     failures = [line for line in lines if line.startswith("FAILED")]
     assert len(failures) == 2
     assert failures[0].startswith(
-        "FAILED  arm broken, size 32, seed 0: failed in fit: ValueError: Attention over 8 channels"
+        "FAILED  arm broken, size 32, seed 0: failed in fit: SettingsError: Attention over 8 channels"
     )
     assert failures[0].endswith(f"log: {broken0 / 'log.txt'}") and "Traceback" in (broken0 / "log.txt").read_text()
     assert "start arm conv, size 32, seed 1 (resuming its last.ckpt)" in "\n".join(lines)
@@ -272,7 +272,7 @@ def test_grid_runs_resumes_skips_names_failures_and_writes_only_under_its_folder
     assert conv_row["params"] == str(fresh["params"]) and conv_row["input"] == "32x32"
     assert float(conv_row["l_over_6d"]) == pytest.approx((32 // 4) ** 2 / (6 * 8))  # 64 tokens, 8 channels
     report = (out / "report.md").read_text()
-    assert "arm broken, size 32, seed 0: failed in fit: ValueError: Attention over 8 channels" in report
+    assert "arm broken, size 32, seed 0: failed in fit: SettingsError: Attention over 8 channels" in report
 
 
 def write_prepared_run(out, arm, size, seed, value=None, costs=None, failed=False, started=False):

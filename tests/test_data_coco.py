@@ -14,7 +14,7 @@ from torchvision import tv_tensors
 
 from mambaout_pl.data.coco import CocoAnnotationWarning, decode_coco_example, load_coco_split
 from mambaout_pl.data.embedded_detection import write_digit_detection
-from mambaout_pl.data.errors import DataError, DataNotFoundError, InvalidLabelError
+from mambaout_pl.data.errors import AnnotationFormatError, DataError, DataNotFoundError, InvalidLabelError
 
 SIZES = {"a.png": (14, 12), "b.png": (20, 16), "c.png": (10, 10)}  # (width, height)
 
@@ -170,15 +170,23 @@ def test_missing_images_raise_naming_the_first_ones_and_the_folders(tmp_path):
         load_coco_split(root)
 
 
-def test_a_mask_or_image_of_another_size_raises_at_decode(tmp_path):
-    root = write_coco(tmp_path)
+def test_a_mask_or_image_of_another_size_raises(tmp_path):
+    root = write_coco(tmp_path / "wrong")
     wrong = compressed_rle(np.zeros((12, 20), dtype=np.uint8))  # b.png is 20x16
     edit_annotations(root, lambda content: content["annotations"][2].update(segmentation=wrong))
+    with pytest.raises(
+        AnnotationFormatError, match=r"annotation 3 \(image 2, 'b\.png'\) has segmentation .*\[16, 20\]"
+    ):
+        load_coco_split(root, "val")  # refused when the file is read, before training
+
+    root = write_coco(tmp_path / "right")
     dataset, categories = load_coco_split(root, "val")
     label_of = {category["id"]: index + 1 for index, category in enumerate(categories)}
+    row = dataset[1]
+    row["objects"][0]["segmentation"] = json.dumps(wrong)  # a row from elsewhere: the decoder checks it too
     with pytest.raises(DataError, match=r"annotation 3 of image .*b\.png.* is 12x20 .* image is 16x20"):
-        decode_coco_example(dataset[1], label_of)
-    decode_coco_example(dataset[1], label_of, masks=False)  # boxes alone still decode
+        decode_coco_example(row, label_of)
+    decode_coco_example(row, label_of, masks=False)  # boxes alone still decode
 
     Image.new("RGB", (9, 9)).save(root / "val" / "c.png")
     with pytest.raises(DataError, match=r"c\.png' is 9x9 .* says 10x10"):

@@ -18,6 +18,7 @@ from pycocotools import mask as mask_utils
 from torchmetrics.detection import MeanAveragePrecision
 
 from mambaout_pl.data import (
+    AnnotationFormatError,
     ColumnNotFoundError,
     DataError,
     DataNotFoundError,
@@ -432,17 +433,17 @@ def test_parquet_boxes_without_area_or_outside_the_image_are_counted_and_left_ou
     assert sample["target"]["boxes"].tolist() == [[4.0, 6.0, 20.0, 14.0]]
 
 
-def test_a_mask_of_another_size_names_the_object_and_the_image(tmp_path):
+def test_a_mask_of_another_size_names_the_annotation_and_the_image(tmp_path):
     root = write_coco_folder(tmp_path / "coco")
     wrong = rle(np.zeros((HEIGHT, WIDTH + 4), dtype=np.uint8))
     edit_annotations(root, "val2017", lambda content: content["annotations"][0].update(segmentation=wrong))
-    dm = make_module(tmp_path, path="coco", data_dir=str(root))
-    dm.setup("validate")
-    with pytest.raises(DataError, match=r"mask of object 0 of '.*21\.png' is 16x24 .* image is 16x20"):
-        dm.datasets["val"][0]
-    dm = make_module(tmp_path, path="coco", data_dir=str(root), masks=False)
-    dm.setup("validate")
-    assert dm.datasets["val"][0]["target"]["labels"].tolist() == [1, 2]  # boxes alone still read
+    for masks in (True, False):  # a file that breaks the format is refused whole, before anything is decoded
+        dm = make_module(tmp_path, path="coco", data_dir=str(root), masks=masks)
+        with pytest.raises(
+            AnnotationFormatError,
+            match=r"instances_val2017\.json' .*annotation 1 \(image 21, '21\.png'\) has segmentation .*\[16, 20\]",
+        ):
+            dm.setup("validate")
 
 
 def test_an_annotation_file_that_does_not_match_its_image_folder(tmp_path):

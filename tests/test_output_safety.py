@@ -147,7 +147,7 @@ def test_output_paths_outside_the_root_are_refused_before_writing(
     earlier_run(root, checkpoint)
     before, around = snapshot(root), sorted(tmp_path.iterdir())
     with pytest.raises(OutputPathError) as raised:
-        main(fit_args(root, images, *build(root, outside)))
+        run_cli(fit_args(root, images, *build(root, outside)))
     message = str(raised.value)
     assert f"{key} = '{value.format(outside=outside)}' lies outside trainer.default_root_dir ('{root}')" in message
     assert "Give a path inside it" in message
@@ -296,7 +296,7 @@ def test_ckpt_path_last_refuses_a_dangling_link(images: Path, checkpoint: Path, 
     (run / "checkpoints" / "epoch000-step1.ckpt").unlink()
     before = snapshot(root)
     with pytest.raises(CheckpointError) as raised:
-        main(fit_args(root, images, "--ckpt_path=last"))
+        run_cli(fit_args(root, images, "--ckpt_path=last"))
     message = str(raised.value)
     link = run / "checkpoints" / "last.ckpt"
     assert f"'{link}' links to 'epoch000-step1.ckpt', which no longer exists" in message
@@ -310,7 +310,7 @@ def test_ckpt_path_last_refuses_checkpoints_without_a_last_one(images: Path, che
     (run / "checkpoints" / "last.ckpt").unlink()
     before = snapshot(root)
     with pytest.raises(CheckpointError) as raised:
-        main(fit_args(root, images, "--ckpt_path=last"))
+        run_cli(fit_args(root, images, "--ckpt_path=last"))
     message = str(raised.value)
     assert f"no last*.ckpt in '{root / 'lightning_logs' / '*' / 'checkpoints'}'" in message
     assert f"'{run / 'checkpoints' / 'epoch000-step1.ckpt'}'" in message and "--ckpt_path PATH" in message

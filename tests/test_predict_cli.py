@@ -22,7 +22,7 @@ from conftest import IMAGE_FOLDER_CLASSES, IMAGE_FOLDER_COLOURS, write_ade20k_fo
 from helpers import TINY_BACKBONE, small_segmentation_args, tiny_fit_args
 from PIL import Image
 
-from mambaout_pl.cli import main
+from mambaout_pl.cli import main, run_cli
 from mambaout_pl.data import ImageClassificationDataModule
 from mambaout_pl.data.images import read_rgb_image
 from mambaout_pl.errors import OutputExistsError
@@ -144,7 +144,7 @@ def test_classification_writes_json_lines_and_never_overwrites(classification_ru
 
     before = path.read_bytes()
     with pytest.raises(OutputExistsError, match=re.escape(f"'{path}' exists already (written by an earlier run?)")):
-        main(args)
+        run_cli(args)
     assert path.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["predictions.jsonl"]
 
 
@@ -183,6 +183,6 @@ def test_segmentation_writes_a_mask_per_image_named_and_sized_after_it(unlabelle
     shutil.copytree(unlabelled / "more", same_names / "a")
     shutil.copytree(unlabelled / "more", same_names / "b")
     with pytest.raises(OutputExistsError, match=r"Two images to predict are named 'IMG_0003'"):
-        main(predict_args(run, f"--data.predict_images={same_names}"))
+        run_cli(predict_args(run, f"--data.predict_images={same_names}"))
     written = root / "lightning_logs" / "version_2" / "predict" / "IMG_0003.png"
     assert Image.open(written).size == (30, 52)  # the first one's mask, whole

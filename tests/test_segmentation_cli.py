@@ -12,7 +12,7 @@ from helpers import small_segmentation_args
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mambaout_pl.cli import main, run_cli
+from mambaout_pl.cli import run_cli
 from mambaout_pl.data import ADE20K_CLASSES
 from mambaout_pl.data.embedded import materialize
 from mambaout_pl.models import create_model
@@ -134,4 +134,4 @@ def test_missing_annotations_folder_stops_the_cli_with_its_name(ade20k_folder: P
     (ade20k_folder / "annotations" / "training").rmdir()
     recipe = ROOT / "recipes" / "quickstart_segmentation.yaml"
     with pytest.raises(Exception, match=r"annotations/training' does not exist"):
-        main(["fit", f"--config={recipe}", *small_segmentation_args(tmp_path, ade20k_folder)])
+        run_cli(["fit", f"--config={recipe}", *small_segmentation_args(tmp_path, ade20k_folder)])

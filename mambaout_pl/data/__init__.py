@@ -12,6 +12,7 @@ from mambaout_pl.data.batches import (
 from mambaout_pl.data.classification import ImageClassificationDataModule
 from mambaout_pl.data.detection import DetectionDataModule
 from mambaout_pl.data.errors import (
+    AnnotationFormatError,
     ColumnNotFoundError,
     CorruptImageError,
     DataError,
@@ -45,4 +46,5 @@ __all__ = [
     "ColumnNotFoundError",
     "InvalidLabelError",
     "CorruptImageError",
+    "AnnotationFormatError",
 ]

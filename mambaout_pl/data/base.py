@@ -460,6 +460,7 @@ class SampleMaker:
         self.split = split
         self.skip_corrupt = skip_corrupt
         self.skipped = skipped  # a multiprocessing.Value counting skipped images
+        self.last_error: str | None = None  # the message of the last image skipped
 
     def __call__(self, example: dict[str, Any], index: int) -> dict[str, Any] | None:
         try:
@@ -470,6 +471,7 @@ class SampleMaker:
                 raise CorruptImageError(message + " Fix or remove the file, or set `skip_corrupt=True`.") from error
             with self.skipped.get_lock():
                 self.skipped.value += 1
+            self.last_error = message
             warnings.warn(f"{message} Skipped (skip_corrupt=True).", stacklevel=2)
             return None
 
@@ -489,14 +491,20 @@ class Samples(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        for offset in range(min(_MAX_CONSECUTIVE_CORRUPT, len(self.dataset))):
+        tried = min(_MAX_CONSECUTIVE_CORRUPT, len(self.dataset))
+        for offset in range(tried):
             row = (int(index) + offset) % len(self.dataset)
             sample = self.make_sample(self.dataset[row], row)
             if sample is not None:
                 return sample
+        first = self.make_sample.last_error or "no decoder message"
+        which = (
+            f"none of the {tried} images of split {self.make_sample.split!r} can be decoded"
+            if tried == len(self.dataset)
+            else f"{tried} consecutive images from index {index} of split {self.make_sample.split!r} cannot be decoded"
+        )
         raise CorruptImageError(
-            f"{_MAX_CONSECUTIVE_CORRUPT} consecutive images from index {index} of split "
-            f"{self.make_sample.split!r} cannot be decoded; check the image files."
+            f"With skip_corrupt=True, {which} (the last: {first}); check that these are image files."
         )
 
 

@@ -7,10 +7,12 @@ and ``segmentation`` (the annotation's polygons or RLE, as a JSON string; ``""``
 Images without annotations are rows with no objects: they count in evaluation, and training
 leaves them out (``skip_empty``).
 
-The reader checks the annotation file against the image folder before anything is trained:
-missing image files and unknown category ids raise; boxes with no width or height, or lying
-wholly outside their image, are dropped, and boxes reaching past the image border are clipped to
-it, with one counted warning per file. `decode_coco_example` turns a row into tensors for
+The reader checks the annotation file before anything is trained: every field against COCO's
+format (`coco_format.check_coco_content`: ids, references between images, annotations and
+categories, boxes, areas, crowd flags, polygons and RLE masks), then against the image folder
+(missing image files raise); boxes with no width or height, or lying wholly outside their image,
+are dropped, and boxes reaching past the image border are clipped to it, with one counted warning
+per file naming the first. `decode_coco_example` turns a row into tensors for
 torchvision's detectors and raises on masks or images whose size differs from the annotation's.
 """
 
@@ -30,7 +32,8 @@ from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from mambaout_pl.data.errors import DataError, DataNotFoundError, InvalidLabelError
+from mambaout_pl.data.coco_format import check_coco_content, segmentation_problem
+from mambaout_pl.data.errors import AnnotationFormatError, DataError, DataNotFoundError
 from mambaout_pl.data.images import read_rgb_image
 
 __all__ = [
@@ -104,15 +107,9 @@ def load_coco_split(
         content = json.loads(annotation_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"Cannot read COCO annotation file {str(annotation_path)!r}: {error}.") from error
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(content.get(key), list):
-            raise DataError(
-                f"COCO annotation file {str(annotation_path)!r} has no '{key}' list: give an instances_*.json file "
-                "with 'images', 'annotations' and 'categories'."
-            )
+    check_coco_content(content, f"COCO annotation file {str(annotation_path)!r}")
 
     categories = sorted(content["categories"], key=lambda category: category["id"])
-    category_ids = {category["id"] for category in categories}
     index_of = {category["id"]: index for index, category in enumerate(categories)}
     images = {image["id"]: image for image in content["images"]}
     missing = [image["file_name"] for image in images.values() if not (image_root / image["file_name"]).is_file()]
@@ -124,34 +121,25 @@ def load_coco_split(
         )
 
     objects: dict[int, list[dict[str, Any]]] = {image_id: [] for image_id in images}
-    dropped, clipped = 0, 0
+    dropped, clipped, first = 0, 0, None
     for annotation in content["annotations"]:
-        image = images.get(annotation["image_id"])
-        if image is None:
-            raise DataError(
-                f"Annotation {annotation.get('id')} in {str(annotation_path)!r} refers to image_id "
-                f"{annotation['image_id']}, which is not among the file's images. Fix or remove that annotation."
-            )
-        if annotation["category_id"] not in category_ids:
-            raise InvalidLabelError(
-                f"Annotation {annotation.get('id')} (image {image['file_name']!r}) in {str(annotation_path)!r} has "
-                f"category_id {annotation['category_id']}, which is not among the file's categories "
-                f"{sorted(category_ids)}. Add the category to 'categories' or fix the annotation."
-            )
+        image = images[annotation["image_id"]]
         x, y, w, h = (float(value) for value in annotation["bbox"])
         x1, y1 = max(x, 0.0), max(y, 0.0)
         x2, y2 = min(x + w, float(image["width"])), min(y + h, float(image["height"]))
         if w <= 0 or h <= 0 or x2 <= x1 or y2 <= y1:
             dropped += 1
+            first = first or annotation
             continue
         if (x1, y1, x2, y2) != (x, y, x + w, y + h):
             clipped += 1
+            first = first or annotation
         segmentation = annotation.get("segmentation")
         objects[image["id"]].append(
             {
-                "id": int(annotation.get("id", -1)),
+                "id": annotation["id"],
                 "bbox": [x1, y1, x2 - x1, y2 - y1],
-                "category_id": int(annotation["category_id"]),
+                "category_id": annotation["category_id"],
                 "category": index_of[annotation["category_id"]],
                 "area": float(annotation.get("area", w * h)),
                 "iscrowd": int(annotation.get("iscrowd", 0)),
@@ -161,8 +149,10 @@ def load_coco_split(
     if dropped or clipped:
         warnings.warn(
             f"{str(annotation_path)!r}: dropped {dropped} boxes with no width or height or lying outside their "
-            f"image, and clipped {clipped} boxes reaching past the image border to it. Fix those annotations "
-            "to keep them.",
+            f"image, and clipped {clipped} boxes reaching past the image border to it (the first: annotation "
+            f"{first['id']}, bbox {first['bbox']} in image {first['image_id']} of "
+            f"{images[first['image_id']]['width']}x{images[first['image_id']]['height']} pixels). Fix those "
+            "annotations to keep them.",
             CocoAnnotationWarning,
             stacklevel=2,
         )
@@ -206,18 +196,35 @@ def load_coco_folder(data_dir: str | os.PathLike) -> DatasetDict:
 
 
 def decode_segmentation(segmentation: Any, height: int, width: int, where: str = "") -> np.ndarray:
-    """A COCO segmentation (polygons, RLE or uncompressed RLE) as a ``[height, width]`` uint8 mask."""
+    """A COCO segmentation (polygons, RLE or uncompressed RLE, or their JSON) as a ``[height, width]`` uint8 mask.
+
+    A value that is not one of these, or an RLE of another size than its image, raises naming ``where``.
+    """
     if isinstance(segmentation, str):
-        segmentation = json.loads(segmentation)
+        try:
+            segmentation = json.loads(segmentation)
+        except json.JSONDecodeError as error:
+            raise AnnotationFormatError(
+                f"The mask of {where} is a string that is not COCO's JSON ({error}): give polygons or an RLE dict."
+            ) from error
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("size"), (list, tuple)):
+        size = list(segmentation["size"])
+        if size != [height, width] and len(size) == 2:
+            raise DataError(
+                f"The mask of {where} is {size[0]}x{size[1]} (RLE 'size', height x width) but its image is "
+                f"{height}x{width}. Re-encode the mask at the image size."
+            )
+        segmentation = {**segmentation, "size": size}
+    problem = segmentation_problem(segmentation, height, width)
+    if problem is not None:
+        shown = repr(segmentation)
+        raise AnnotationFormatError(
+            f"The mask of {where} is {shown if len(shown) <= 80 else shown[:77] + '...'}, but a COCO segmentation "
+            f"must be {problem}."
+        )
     if isinstance(segmentation, list):
         rles = mask_utils.frPyObjects(segmentation, height, width)
         return mask_utils.decode(mask_utils.merge(rles))
-    size = list(segmentation.get("size", []))
-    if size != [height, width]:
-        raise DataError(
-            f"The mask of {where} is {size[0] if size else '?'}x{size[1] if len(size) > 1 else '?'} (RLE 'size', "
-            f"height x width) but its image is {height}x{width}. Re-encode the mask at the image size."
-        )
     if isinstance(segmentation["counts"], list):
         segmentation = mask_utils.frPyObjects(segmentation, height, width)
     return mask_utils.decode(segmentation)

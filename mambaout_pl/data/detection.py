@@ -7,10 +7,12 @@ area, a crowd flag and a mask. A COCO folder (``path: coco``) and the embedded d
 ``coco.py`` into that layout (``objects.category`` is the category's index in id order), so all
 sources go through the same checks and the same decoder.
 
-Before training, the boxes and categories of each map-style split are checked without decoding
-any image: a category outside the classes raises; boxes with no width or height, or outside their
-image, are left out and boxes reaching past the border are clipped, with one counted warning per
-split (outside the image: where the data has ``width`` and ``height`` columns, as COCO's and most
+Before training, the objects of each map-style split are checked without decoding any image:
+a category outside the classes, a box that is not 4 finite numbers or has a negative size, a crowd
+flag other than 0 or 1, a negative area, and polygons or RLE masks that break COCO's format (or,
+with ``width``/``height`` columns, whose RLE size is not the image's) raise, naming the row and the
+object; boxes with no width or height, or outside their image, are left out and boxes reaching
+past the border are clipped, with one counted warning per split (outside the image: where the data has ``width`` and ``height`` columns, as COCO's and most
 Hub datasets do; else the decoder clips and drops them alike, uncounted). A few image headers are
 compared with those sizes, to catch annotations that belong to other images.
 Training leaves out crowd regions and the images with no object left; evaluation keeps
@@ -44,8 +46,15 @@ from mambaout_pl.data import embedded
 from mambaout_pl.data.base import BaseDataModule
 from mambaout_pl.data.batches import DetectionBatch, DetectionTarget
 from mambaout_pl.data.coco import decode_segmentation
+from mambaout_pl.data.coco_format import AnnotationProblems, segmentation_problem
 from mambaout_pl.data.detection_transforms import create_detection_transforms
-from mambaout_pl.data.errors import ColumnNotFoundError, CorruptImageError, DataError, InvalidLabelError
+from mambaout_pl.data.errors import (
+    AnnotationFormatError,
+    ColumnNotFoundError,
+    CorruptImageError,
+    DataError,
+    InvalidLabelError,
+)
 from mambaout_pl.data.images import open_image, read_rgb_image
 from mambaout_pl.data.sources import COCO_LAYOUT, AnyDataset
 
@@ -255,7 +264,13 @@ class DetectionDataModule(BaseDataModule):
         size_columns = [column for column in ("width", "height") if column in dataset.column_names]
         table = dataset.select_columns([hp.objects_column, *size_columns]).with_format("arrow")[:]
         objects = table.column(hp.objects_column).combine_chunks()
-        row, boxes, categories, crowd = _flat_objects(objects, hp.bbox_key, hp.category_key, hp.iscrowd_key)
+        keys = {"bbox": hp.bbox_key, "category": hp.category_key, "iscrowd": hp.iscrowd_key, "area": hp.area_key}
+        where = f"split {split!r} of {self.describe_source()!r}"
+        flat = _flat_objects(objects, keys, where, hp.objects_column)
+        row, boxes, categories, crowd = flat["row"], flat["bbox"], flat["category"], flat["iscrowd"]
+        self._check_object_values(flat, where)
+        if hp.masks and not self.is_coco_folder:  # a COCO folder's masks were checked with its file
+            self._check_masks(table, where)
         bad = (categories < 0) | (categories >= self.num_classes)
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
@@ -286,6 +301,79 @@ class DetectionDataModule(BaseDataModule):
         kept = np.zeros(len(dataset), dtype=bool)
         kept[row[valid & (crowd == 0)]] = True
         return kept
+
+    def _check_object_values(self, flat: dict[str, np.ndarray], where: str) -> None:
+        """Raise naming the first object whose box is not finite or has a negative size, whose crowd flag is
+        not 0 or 1, or whose area is negative or not finite (COCO's rules; empty boxes are left out later)."""
+        hp = self.hparams
+        boxes = flat["bbox"]
+        if self.box_format == "xywh":
+            sizes = boxes[:, 2:]
+            layout = (
+                "[x, y, width, height] with width and height >= 0 (for [x1, y1, x2, y2] boxes set box_format='xyxy')"
+            )
+        else:
+            sizes = boxes[:, 2:] - boxes[:, :2]
+            layout = (
+                "[x1, y1, x2, y2] with x2 >= x1 and y2 >= y1 (for [x, y, width, height] boxes set box_format='xywh')"
+            )
+        area = flat["area"]
+        checks = [
+            (~np.isfinite(boxes).all(axis=1), hp.bbox_key, boxes, "4 finite numbers"),
+            (np.isfinite(boxes).all(axis=1) & (sizes < 0).any(axis=1), hp.bbox_key, boxes, layout),
+            (~np.isin(flat["iscrowd"], (0, 1)), hp.iscrowd_key, flat["iscrowd"], "0 or 1 (or missing: 0)"),
+            (~np.isnan(area) & (~np.isfinite(area) | (area < 0)), hp.area_key, area, "a finite number of pixels >= 0"),
+        ]
+        for bad, key, values, allowed in checks:
+            if bad.any():
+                first = int(np.flatnonzero(bad)[0])
+                value = values[first].tolist()
+                raise AnnotationFormatError(
+                    f"Row {int(flat['row'][first])}, object {int(flat['position'][first])} of {where} has "
+                    f"{hp.objects_column}.{key} {value}, which must be {allowed}; {int(bad.sum())} object(s) break "
+                    "this. Fix those objects."
+                )
+
+    def _check_masks(self, table: pa.Table, where: str) -> None:
+        """Check each object's polygons or RLE (not mask images, checked when decoded) against COCO's format and,
+        where the data has ``width`` and ``height`` columns, its image's size."""
+        hp = self.hparams
+        objects = table.column(hp.objects_column).combine_chunks()
+        if pa.types.is_struct(objects.type):  # a dict of lists
+            index = objects.type.get_field_index(hp.mask_key)
+            masks = pc.struct_field(objects, [index]) if index >= 0 else None
+            rows = pc.list_parent_indices(masks) if masks is not None else None
+            masks = pc.list_flatten(masks) if masks is not None else None
+        else:
+            flat = pc.list_flatten(objects)
+            index = flat.type.get_field_index(hp.mask_key)
+            masks = pc.struct_field(flat, [index]) if index >= 0 else None
+            rows = pc.list_parent_indices(objects)
+        if masks is None or pa.types.is_struct(masks.type) and masks.type.get_field_index("bytes") >= 0:
+            return  # no masks, or mask images
+        rows = rows.to_numpy()
+        sizes = None
+        if "width" in table.column_names and "height" in table.column_names:
+            sizes = (table.column("height").to_pylist(), table.column("width").to_pylist())
+        problems = AnnotationProblems(f"The masks ({hp.objects_column}.{hp.mask_key}) of {where}")
+        position = 0
+        for number, (row, value) in enumerate(zip(rows.tolist(), masks.to_pylist(), strict=True)):
+            position = 0 if number == 0 or rows[number - 1] != row else position + 1
+            if value is None or (isinstance(value, (str, list)) and not value):
+                continue
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    problems.add(f"row {row}, object {position}", "mask", value, "COCO's polygons or RLE as JSON")
+                    continue
+            if isinstance(value, list) and isinstance(value[0], (int, float)):
+                value = [value]  # one polygon as a flat list of coordinates
+            height, width = (sizes[0][row], sizes[1][row]) if sizes is not None else (None, None)
+            allowed = segmentation_problem(value, height, width)
+            if allowed is not None:
+                problems.add(f"row {row}, object {position}", "mask", value, allowed)
+        problems.raise_if_any()
 
     def _check_image_sizes(self, dataset: Dataset, split: str, count: int = 8) -> None:
         """Compare the sizes of a few images, spread over ``dataset``, with its ``width``/``height`` columns.
@@ -395,35 +483,52 @@ def _object_fields(feature: Any) -> dict[str, Any] | None:
     return dict(inner) if isinstance(inner, dict) else None
 
 
-def _flat_objects(
-    objects: pa.Array, bbox_key: str, category_key: str, iscrowd_key: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Every object of an arrow objects column: (row, box ``[N, 4]``, category, iscrowd), read without the masks."""
+def _flat_objects(objects: pa.Array, keys: dict[str, str], where: str, column: str) -> dict[str, np.ndarray]:
+    """Every object of an arrow objects column, read without the masks: ``row`` and ``position`` (its row and
+    its place in the row), ``bbox`` ``[N, 4]``, ``category``, ``iscrowd`` (missing: 0) and ``area`` (missing:
+    NaN), from the fields named by ``keys``."""
     if pa.types.is_struct(objects.type):  # a dict of lists
         field = pc.struct_field
-        row = pc.list_parent_indices(field(objects, [objects.type.get_field_index(bbox_key)])).to_numpy()
+        row = pc.list_parent_indices(field(objects, [objects.type.get_field_index(keys["bbox"])])).to_numpy()
         fields = {
-            key: pc.list_flatten(field(objects, [objects.type.get_field_index(key)]))
-            for key in (bbox_key, category_key, iscrowd_key)
+            name: pc.list_flatten(field(objects, [objects.type.get_field_index(key)]))
+            for name, key in keys.items()
             if objects.type.get_field_index(key) >= 0
         }
     else:  # a list of dicts
         row = pc.list_parent_indices(objects).to_numpy()
         flat = pc.list_flatten(objects)
         fields = {
-            key: pc.struct_field(flat, [flat.type.get_field_index(key)])
-            for key in (bbox_key, category_key, iscrowd_key)
+            name: pc.struct_field(flat, [flat.type.get_field_index(key)])
+            for name, key in keys.items()
             if flat.type.get_field_index(key) >= 0
         }
     count = len(row)
-    boxes = pc.list_flatten(fields[bbox_key]).to_numpy(zero_copy_only=False).astype(np.float64)
-    if boxes.size != 4 * count:
-        raise DataError(f"Every box ({bbox_key!r}) must have 4 numbers; some of these have another count.")
-    categories = fields[category_key].to_numpy(zero_copy_only=False).astype(np.int64)
-    crowd = np.zeros(count, dtype=np.int64)
-    if iscrowd_key in fields:
-        crowd = np.nan_to_num(fields[iscrowd_key].to_numpy(zero_copy_only=False).astype(np.float64)).astype(np.int64)
-    return row.astype(np.int64), boxes.reshape(count, 4), categories, crowd
+    starts = np.searchsorted(row, row, side="left") if count else row
+    position = np.arange(count) - starts
+    lengths = pc.fill_null(pc.list_value_length(fields["bbox"]), 0).to_numpy()
+    if (lengths != 4).any():
+        first = int(np.flatnonzero(lengths != 4)[0])
+        raise AnnotationFormatError(
+            f"Row {int(row[first])}, object {int(position[first])} of {where} has {int(lengths[first])} numbers in "
+            f"{column}.{keys['bbox']}, which must have 4; {int((lengths != 4).sum())} object(s) break this. Fix "
+            "those boxes."
+        )
+    if not pa.types.is_integer(fields["category"].type):
+        raise AnnotationFormatError(
+            f"{column}.{keys['category']} of {where} holds {fields['category'].type} values, not integer category "
+            "indices. Set `category_key` to the objects' ClassLabel or integer key."
+        )
+    boxes = pc.list_flatten(fields["bbox"]).to_numpy(zero_copy_only=False).astype(np.float64)
+    flat_fields = {"row": row.astype(np.int64), "position": position.astype(np.int64), "bbox": boxes.reshape(count, 4)}
+    flat_fields["category"] = fields["category"].to_numpy(zero_copy_only=False).astype(np.int64)
+    for name, missing in (("iscrowd", 0.0), ("area", np.nan)):
+        values = np.full(count, missing)
+        if name in fields:
+            values = fields[name].to_numpy(zero_copy_only=False).astype(np.float64)
+            values[np.isnan(values)] = missing  # nulls
+        flat_fields[name] = values
+    return flat_fields
 
 
 @dataclass
@@ -537,7 +642,12 @@ class DetectionSampleMaker:
         if value is None or (isinstance(value, (str, list)) and not value):
             return np.zeros((height, width), dtype=np.uint8)
         if isinstance(value, str):
-            value = json.loads(value)
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise AnnotationFormatError(
+                    f"The mask of {where} is a string that is not COCO's JSON ({error}): give polygons or an RLE dict."
+                ) from error
         if isinstance(value, list) and isinstance(value[0], (int, float)):
             value = [value]  # one polygon as a flat list of coordinates
         if isinstance(value, Image.Image) or (isinstance(value, dict) and ("bytes" in value or "path" in value)):

@@ -25,3 +25,7 @@ class InvalidLabelError(DataError, ValueError):
 
 class CorruptImageError(DataError, OSError):
     """An image that cannot be decoded."""
+
+
+class AnnotationFormatError(DataError, ValueError):
+    """An annotation file or objects column whose fields do not follow its format (COCO's)."""

@@ -30,6 +30,7 @@ from mambaout_pl import __version__
 from mambaout_pl.errors import ExportError
 from mambaout_pl.export.spec import ExportSpec
 from mambaout_pl.export.target import check_export_target, staged_export
+from mambaout_pl.models.detector import RCNNDetector
 from mambaout_pl.models.mixers.ssm import SelectiveScanMixer
 from mambaout_pl.tasks.base import BaseTask
 from mambaout_pl.training.atomic import atomic_write
@@ -40,6 +41,7 @@ __all__ = [
     "INPUT_NAME",
     "OPSET",
     "OUTPUT_NAME",
+    "check_deployable",
     "export_onnx",
     "export_program",
     "export_task",
@@ -62,8 +64,23 @@ _PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
 # -- tracing --------------------------------------------------------------------------------------
 
 
+def check_deployable(model: nn.Module) -> None:
+    """Raise :class:`ExportError` for a network these exporters cannot trace, saying why and what to do instead."""
+    if isinstance(model, RCNNDetector):
+        kind = "Mask R-CNN" if model.masks else "Faster R-CNN"
+        raise ExportError(
+            f"A {kind} detector (RCNNDetector) cannot be exported as ONNX or as a torch.export program (pt2): "
+            "its region proposals, non-maximum suppression and RoI heads keep a number of boxes that depends on "
+            "the image's content, and torch.export cannot trace those data-dependent shapes through "
+            "torchvision's NMS (both --format onnx and --format pt2 stop there). Export it in the Hub format "
+            "instead (`mambaout export CKPT DIR`, without --format) and load it with "
+            "mambaout_pl.models.from_pretrained(DIR)."
+        )
+
+
 def trace_program(model: nn.Module, input_size: int | tuple[int, int], in_chans: int = 3) -> ExportedProgram:
     """``model`` in eval mode traced by ``torch.export`` for ``[batch, in_chans, *input_size]`` images, batch dynamic."""
+    check_deployable(model)
     height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
@@ -158,6 +175,8 @@ def export_onnx(
     overwrite: bool = False,
 ) -> torch.onnx.ONNXProgram:
     """Write ``model`` as an ONNX file: a network traced at ``input_size``, or a program from :func:`trace_program`."""
+    if not isinstance(model, ExportedProgram):
+        check_deployable(model)
     path = _target_file(path, overwrite)
     if not isinstance(model, ExportedProgram):
         if input_size is None:
@@ -210,6 +229,7 @@ def export_task(
     if format not in FILE_NAMES:
         raise ExportError(f"Unknown deployment format {format!r}; choose one of {', '.join(FILE_NAMES)}.")
     target = Path(output_dir)
+    check_deployable(task.model)
     check_export_target(target, overwrite)
     spec = task.export_spec(data_hparams or {})
     network = task.model

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mambaout_pl.errors import ExportError
 from mambaout_pl.training.atomic import staged_folder
+from mambaout_pl.training.reservation import reserve_outputs
 
 #: The file an export writes last, listing every file it wrote: what ``--overwrite`` may replace.
 EXPORT_MANIFEST = "export_manifest.json"
@@ -18,15 +19,24 @@ EXPORT_MANIFEST = "export_manifest.json"
 @contextmanager
 def staged_export(target: Path, overwrite: bool) -> Iterator[Path]:
     """A temporary folder beside ``target`` to write an export into, renamed onto ``target`` at the end
-    with a manifest of its files; ``target`` is checked first (see :func:`check_export_target`)."""
-    check_export_target(target, overwrite)
-    with staged_folder(target, replace=True) as staging:
-        yield staging
-        manifest = {
-            "library_name": "mambaout-pl",
-            "files": sorted([path.name for path in staging.iterdir()] + [EXPORT_MANIFEST]),
-        }
-        (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    with a manifest of its files.
+
+    ``target`` is reserved for this command meanwhile (``.<name>.export.lock`` beside it): a second
+    export to the same folder refuses, naming the command writing it, instead of replacing its
+    export. ``target`` is checked (see :func:`check_export_target`) before and again right before
+    the rename, should anything else have written there meanwhile.
+    """
+    lock = target.with_name(f".{target.name}.export.lock")
+    with reserve_outputs(lock, target, "give another output folder"):
+        check_export_target(target, overwrite)
+        with staged_folder(target, replace=True) as staging:
+            yield staging
+            manifest = {
+                "library_name": "mambaout-pl",
+                "files": sorted([path.name for path in staging.iterdir()] + [EXPORT_MANIFEST]),
+            }
+            (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
+            check_export_target(target, overwrite)
 
 
 def check_export_target(target: Path, overwrite: bool) -> None:

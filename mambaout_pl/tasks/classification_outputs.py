@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from mambaout_pl.tasks.prediction_writer import PredictionWriter
-from mambaout_pl.training.atomic import naming_target
+from mambaout_pl.training.atomic import naming_target, place_new_file, umask
 from mambaout_pl.training.run_folders import check_new_output
 
 #: Formats of the predictions file.
@@ -41,7 +43,9 @@ class ClassificationPredictionWriter(PredictionWriter):
     these keys a list of ``top_k`` values.
 
     ``output_dir`` ``None``: ``<trainer.log_dir>/predict``, the run's version folder. An existing
-    predictions file is never overwritten (:class:`~mambaout_pl.errors.OutputExistsError`).
+    predictions file is never overwritten (:class:`~mambaout_pl.errors.OutputExistsError`). Rows go to a
+    hidden ``.predictions.csv.*.partial`` file beside it, which becomes the predictions file when predict
+    ends and is removed when it fails.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class ClassificationPredictionWriter(PredictionWriter):
         self.file_format = file_format
         self.label_names = None if label_names is None else list(label_names)
         self.file: Path | None = None  # the file this process writes, once predicting
+        self._partial: Path | None = None  # the rows written so far, beside it until predict ends
         self._columns_top_k = top_k  # top_k, at most the network's class count
         self._written = 0
 
@@ -68,6 +73,9 @@ class ClassificationPredictionWriter(PredictionWriter):
         stem = "predictions" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}"
         return self.output_folder(trainer) / f"{stem}.{self.file_format}"
 
+    def reserved_output(self, folder: Path) -> Path:
+        return folder / f"predictions.{self.file_format}"
+
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         num_classes = getattr(pl_module, "hparams", {}).get("num_classes")
         self._columns_top_k = min(self.top_k, num_classes) if num_classes else self.top_k
@@ -75,7 +83,11 @@ class ClassificationPredictionWriter(PredictionWriter):
         check_new_output(self.file)
         with naming_target(self.file):
             self.file.parent.mkdir(parents=True, exist_ok=True)
-            with self.file.open("x", newline="") as file:
+            descriptor, partial = tempfile.mkstemp(
+                prefix=f".{self.file.name}.", suffix=".partial", dir=self.file.parent
+            )
+            self._partial = Path(partial)
+            with os.fdopen(descriptor, "w", newline="") as file:
                 if self.file_format == "csv":
                     csv.writer(file).writerow(prediction_columns(self._columns_top_k))
         self._written = 0
@@ -88,7 +100,7 @@ class ClassificationPredictionWriter(PredictionWriter):
         indices = list(batch_indices) if batch_indices else range(self._written, self._written + count)
         files = (batch.get("file") if isinstance(batch, dict) else None) or [""] * count
         names = self.label_names
-        with naming_target(self.file), self.file.open("a", newline="") as file:
+        with naming_target(self.file), self._partial.open("a", newline="") as file:
             writer = csv.writer(file) if self.file_format == "csv" else None
             for index, path, row_classes, row_scores in zip(
                 indices, files, classes.tolist(), scores.tolist(), strict=True
@@ -112,9 +124,19 @@ class ClassificationPredictionWriter(PredictionWriter):
         self._written += count
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        with naming_target(self.file):
+            os.chmod(self._partial, 0o666 & ~umask())
+            place_new_file(self._partial, self.file)
+        self._partial = None
         if trainer.world_size == 1:
             rank_zero_info(f"Predictions of {self._written} images written to {self.file}")
         else:
             rank_zero_info(
                 f"Predictions written to {self.file.parent}/predictions-rank*.{self.file_format}, one per process"
             )
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self._partial is not None:  # no predictions file at all rather than a part of one
+            self._partial.unlink(missing_ok=True)
+            self._partial = None
+        super().on_exception(trainer, pl_module, exception)

@@ -191,6 +191,9 @@ class DetectionResultsWriter(PredictionWriter):
         self._results: list[dict[str, Any]] = []
         self._pictures_written = 0
 
+    def reserved_output(self, folder: Path) -> Path:
+        return folder / "results.json"
+
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.folder = self.output_folder(trainer)
         check_new_output(self.folder / "results.json")
@@ -207,7 +210,7 @@ class DetectionResultsWriter(PredictionWriter):
                 picture = to_pil_image(draw_detections(image, objects, self.names, self.score_threshold))
                 path = self.folder / "pictures" / f"{image_id}.png"
                 check_new_output(path)
-                atomic_write(path, lambda file, picture=picture: picture.save(file, format="PNG"))
+                atomic_write(path, lambda file, picture=picture: picture.save(file, format="PNG"), exclusive=True)
                 self._pictures_written += 1
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -218,6 +221,6 @@ class DetectionResultsWriter(PredictionWriter):
             results = [result for part in gathered for result in part]
         if trainer.is_global_zero:
             path = self.folder / "results.json"
-            atomic_write(path, lambda file: file.write(json.dumps(results).encode()))
+            atomic_write(path, lambda file: file.write(json.dumps(results).encode()), exclusive=True)
             rank_zero_info(f"COCO results ({len(results)} detections) written to {path}")
         self._results = []

@@ -75,16 +75,16 @@ def overlay_panel(
     return torch.cat([image, truth, blend(prediction)], dim=-1).clamp(0.0, 1.0)
 
 
-def write_label_png(path: str | Path, labels: torch.Tensor | np.ndarray) -> None:
+def write_label_png(path: str | Path, labels: torch.Tensor | np.ndarray, exclusive: bool = False) -> None:
     """Write a label map as a palette PNG (pixel value = class index, coloured; 16-bit grey above 255 classes),
-    never half-written."""
+    never half-written (``exclusive``: never over an existing file)."""
     labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if labels.max(initial=0) > 255:
         image = Image.fromarray(labels.astype(np.uint16))
     else:
         image = Image.fromarray(labels.astype(np.uint8), mode="P")
         image.putpalette(palette(256).ravel().tolist())
-    atomic_write(Path(path), lambda file: image.save(file, format="PNG"))
+    atomic_write(Path(path), lambda file: image.save(file, format="PNG"), exclusive=exclusive)
 
 
 class SegmentationMaskWriter(PredictionWriter):
@@ -102,6 +102,9 @@ class SegmentationMaskWriter(PredictionWriter):
         self._written = 0
         self._names: set[str] = set()  # mask names this run has written
 
+    def reserved_output(self, folder: Path) -> Path:
+        return folder / "*.png"
+
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.folder = self.output_folder(trainer)
         self._written = 0
@@ -118,7 +121,7 @@ class SegmentationMaskWriter(PredictionWriter):
                 )
             check_new_output(path)
             self._names.add(name)
-            write_label_png(path, labels)
+            write_label_png(path, labels, exclusive=True)
             self._written += 1
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

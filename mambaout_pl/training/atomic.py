@@ -18,15 +18,15 @@ from typing import IO, Any
 
 import torch
 
-from mambaout_pl.errors import OutputWriteError
+from mambaout_pl.errors import OutputExistsError, OutputWriteError
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], exclusive: bool = False) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, ``fsync`` it and rename it onto ``path``.
 
     A crash or a kill in between leaves the previous ``path`` intact and at most a ``.<name>.*.tmp``
     file beside it; a failure removes the temporary file. The file gets the permissions of one made
-    with the user's umask.
+    with the user's umask. ``exclusive``: never replace an existing ``path`` (see :func:`place_new_file`).
     """
     with naming_target(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,11 +37,35 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
                 file.flush()
                 os.fsync(file.fileno())
             os.chmod(temporary, 0o666 & ~umask())
-            os.replace(temporary, path)
+            if exclusive:
+                place_new_file(Path(temporary), path)
+            else:
+                os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
     fsync_folder(path.parent)
+
+
+def place_new_file(source: Path, path: Path) -> None:
+    """Move the finished file ``source`` to ``path`` unless ``path`` exists, in one step (a hard link, then
+    ``source`` removed); raise :class:`~mambaout_pl.errors.OutputExistsError` if it does."""
+    try:
+        os.link(source, path)
+    except FileExistsError:
+        raise OutputExistsError(
+            f"'{path}' was written by another process while this one was writing it; it is kept as that process "
+            "wrote it. Give each command its own output folder."
+        ) from None
+    except OSError:  # a file system without hard links: check, then rename
+        if path.exists() or path.is_symlink():
+            raise OutputExistsError(
+                f"'{path}' was written by another process while this one was writing it; it is kept as that "
+                "process wrote it. Give each command its own output folder."
+            ) from None
+        os.replace(source, path)
+        return
+    source.unlink()
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -94,7 +118,7 @@ def naming_target(target: Path) -> Iterator[None]:
     """Turn an ``OSError`` raised inside the block into :class:`OutputWriteError` naming ``target`` and the fix."""
     try:
         yield
-    except OutputWriteError:
+    except (OutputWriteError, OutputExistsError):
         raise
     except OSError as error:
         raise write_error(target, error) from error
