@@ -5,6 +5,7 @@
     python benchmarks/baselines.py speed --sizes 224 512 800x1280 --batch-size 2
     python benchmarks/baselines.py speed --device cuda --precision bf16 --batch-size 64   # on a GPU
     python benchmarks/baselines.py official --vmamba-file /tmp/vmamba.py --vim-repo /tmp/Vim   # ours / official
+    python benchmarks/baselines.py official --vmamba-file /tmp/vmamba.py --modes infer --rounds 2 --steps 1
 
 `complexity` builds every network on the meta device and counts one forward pass with
 `FlopCounterMode` (MACs = FLOPs / 2; the selective scans counted by VMamba's formula, see
@@ -283,7 +284,7 @@ def run_official(args: argparse.Namespace) -> None:
         ours = create_model(name)
         ours.load_state_dict(official.state_dict(), strict=True)
         images = torch.randn(args.batch_size, 3, *size)
-        for mode, make in (("infer", inference_step), ("train", training_step)):
+        for mode, make in ((m, {"infer": inference_step, "train": training_step}[m]) for m in args.modes):
             steps = {"ours": make(ours, images, args.precision), "reference": make(official, images, args.precision)}
             rates = alternating_rates(steps, args.batch_size, args.rounds, args.steps, warmup=1)
             row = compare(f"{name}/{mode}/{size[0]}px", rates, "img/s")
@@ -309,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=2, help="timed steps (per round for `official`)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of `official`")
+    parser.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer", "train"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--vmamba-file", default=os.environ.get("VMAMBA_FILE"))
