@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from .fused_gated_conv import fused_gated_conv_weights, supports_fused_activation
 from .mixers import TOKEN_MIXERS, DepthwiseConvMixer, MixerLayer, mixer_arguments, mixer_layer, stage_mixers
 from .registry import register_model
-from .weights import load_pretrained
+from .weights import pretrained_builder
 
 __all__ = [
     "MambaOut",
@@ -644,17 +644,7 @@ def _create_mambaout(
                 f"Unknown pretrained tag '{pretrained_cfg}' for {variant}; its tags are {', '.join(tags)} "
                 f"(name a model as '{variant}.<tag>')."
             )
-    if pretrained is True or not isinstance(pretrained, (str, os.PathLike, type(None), bool)):
-        raise ValueError(
-            f"pretrained must be the path of a checkpoint file or export folder, `hf-hub:user/repo` or None, "
-            f"got {pretrained!r}."
-        )
-
-    def build(**model_args: Any) -> MambaOut:
-        model = MambaOut(**model_args)
-        if pretrained:
-            load_pretrained(model, pretrained)
-        return model
+    build = pretrained_builder(MambaOut, pretrained)
 
     return build_model_with_cfg(
         build,

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .mixers.ssm import selective_scan
 from .registry import register_model
-from .weights import load_pretrained
+from .weights import pretrained_builder
 
 __all__ = [
     "MambaVision",
@@ -685,17 +685,7 @@ def _create_mambavision(variant: str, pretrained: PretrainedArg = None, **kwargs
     `pretrained` is an official checkpoint file (`{"state_dict": ...}`), a state dict, an export
     folder or an `hf-hub:` repo with safetensors weights (see `load_pretrained`).
     """
-    if pretrained is True or not isinstance(pretrained, (str, os.PathLike, type(None), bool)):
-        raise ValueError(
-            f"pretrained must be the path of a checkpoint file or export folder, `hf-hub:user/repo` or None, "
-            f"got {pretrained!r}."
-        )
-
-    def build(**model_args: Any) -> MambaVision:
-        model = MambaVision(**model_args)
-        if pretrained:
-            load_pretrained(model, pretrained)
-        return model
+    build = pretrained_builder(MambaVision, pretrained)
 
     return build_model_with_cfg(
         build,

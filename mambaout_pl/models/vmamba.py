@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .mixers.ssm import selective_scan
 from .registry import register_model
-from .weights import load_pretrained
+from .weights import pretrained_builder
 
 __all__ = [
     "VSSM",
@@ -898,17 +898,7 @@ def _create_vssm(variant: str, pretrained: PretrainedArg = None, **kwargs: Any) 
     `pretrained` is a weights file (the official `{"model": state_dict}` checkpoints included),
     export folder or `hf-hub:` repo (see `load_pretrained`).
     """
-    if pretrained is True or not isinstance(pretrained, (str, os.PathLike, type(None), bool)):
-        raise ValueError(
-            f"pretrained must be the path of a checkpoint file or export folder, `hf-hub:user/repo` or None, "
-            f"got {pretrained!r} (the official weights are at {_PRETRAINED_URLS[variant]})."
-        )
-
-    def build(**model_args: Any) -> VSSM:
-        model = VSSM(**model_args)
-        if pretrained:
-            load_pretrained(model, pretrained)
-        return model
+    build = pretrained_builder(VSSM, pretrained, f" (the official weights are at {_PRETRAINED_URLS[variant]})")
 
     return build_model_with_cfg(
         build,

@@ -10,7 +10,7 @@ import os
 import pickle
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ __all__ = [
     "convert_official_state_dict",
     "load_pretrained",
     "download_pretrained",
+    "pretrained_builder",
     "HF_HUB_PREFIX",
 ]
 
@@ -346,3 +347,23 @@ def _mismatch_message(
 def _listing(items: list[str]) -> str:
     shown = ", ".join(items[:_MAX_LISTED])
     return shown + (f", ... (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
+
+
+def pretrained_builder(
+    model_class: Callable[..., nn.Module], pretrained: object, hint: str = ""
+) -> Callable[..., nn.Module]:
+    """A `build(**model_args)` for timm's `build_model_with_cfg` that loads `pretrained` (a file, export folder or
+    `hf-hub:` repo, see `load_pretrained`) into the new model; refuses any other value up front."""
+    if pretrained is True or not isinstance(pretrained, (str, os.PathLike, type(None), bool)):
+        raise ValueError(
+            f"pretrained must be the path of a checkpoint file or export folder, `hf-hub:user/repo` or None, "
+            f"got {pretrained!r}{hint}."
+        )
+
+    def build(**model_args: object) -> nn.Module:
+        model = model_class(**model_args)
+        if pretrained:
+            load_pretrained(model, pretrained)
+        return model
+
+    return build
