@@ -42,9 +42,11 @@ from mambaout_pl.training.checkpoint_io import (
     find_last_checkpoint,
     read_checkpoint,
 )
+from mambaout_pl.training.metrics_file import MetricsFile
 from mambaout_pl.training.preemption import PreemptionCheckpoint
 from mambaout_pl.training.resume import CHECKPOINT_KEY, saved_model_settings
 from mambaout_pl.training.run_folders import check_output_paths, reserve_log_versions
+from mambaout_pl.training.run_summary import RunSummary
 from mambaout_pl.training.sharded_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint_metadata
 
 #: ``--ckpt_path`` values Lightning resolves itself (the trainer's own checkpoints, the model registry).
@@ -100,6 +102,8 @@ class MambaOutCLI(LightningCLI):
         Every path it would write is checked to lie under ``trainer.default_root_dir``, and each
         TensorBoard or CSV logger gets a ``version_N`` folder of its own before anything is written
         (see :mod:`mambaout_pl.training.run_folders`), so runs started together never share one.
+        :class:`MetricsFile` writes the run's scalars to ``metrics.csv`` in that folder, and
+        :class:`RunSummary` prints its scores and next commands when ``fit`` ends.
         """
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer_config = config.get("trainer") or {}
@@ -107,6 +111,9 @@ class MambaOutCLI(LightningCLI):
         wants_bar = trainer_config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(callback, ProgressBar) for callback in callbacks):
             callbacks.append(RichProgressBar())
+        for record in (MetricsFile, RunSummary):  # metrics.csv in the run folder; the summary at the end of fit
+            if not any(isinstance(callback, record) for callback in callbacks):
+                callbacks.append(record())
         plugins = trainer_config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
@@ -357,6 +364,8 @@ TOOL_COMMANDS: dict[str, str] = {
     "analyze": "mambaout_pl.analysis:analyze_main",
     "profile": "mambaout_pl.analysis:profile_main",
     "compare": "mambaout_pl.compare.command:compare_main",
+    "report": "mambaout_pl.report.command:report_main",
+    "demo": "mambaout_pl.demo.command:demo_main",
 }
 #: One line each for ``mambaout --help``.
 TOOL_COMMAND_HELP: dict[str, str] = {
@@ -366,6 +375,8 @@ TOOL_COMMAND_HELP: dict[str, str] = {
     "analyze": "Tokens against 6 x channels per stage: the paper's long-sequence criterion.",
     "profile": "Parameters, GMACs and images per second of a model.",
     "compare": "Train a recipe under several arms, sizes and seeds; report the metric with intervals and costs.",
+    "report": "Write report.html for a run folder: curves, best epoch, per-class scores, config, pictures.",
+    "demo": "Serve a checkpoint or export as a Gradio page on localhost (top-5 classes, masks, boxes).",
 }
 
 

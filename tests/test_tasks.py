@@ -134,7 +134,7 @@ def test_mixup_uses_soft_target_loss_on_mixed_batches(tmp_path) -> None:
 
 def test_ema_is_a_callback_outside_the_module_tree(tmp_path) -> None:
     task = ClassificationTask(backbone="mambaout_femto", num_classes=4, ema_decay=0.9)
-    ema, _writer = task.configure_callbacks()  # the EMA and the predictions writer
+    ema, _writer, _pictures = task.configure_callbacks()  # the EMA, the predictions writer, the pictures
     assert isinstance(ema, EMAWeightAveraging)
     assert not any("ema" in name or "average" in name for name, _ in task.named_modules())
     start = {k: v.clone() for k, v in task.model.state_dict().items()}

@@ -20,6 +20,7 @@ from mambaout_pl.models import create_model
 from mambaout_pl.tasks.arguments import check_drop_path_rate
 from mambaout_pl.tasks.base import BaseTask, image_batch
 from mambaout_pl.tasks.classification_outputs import PREDICTION_FORMATS, ClassificationPredictionWriter
+from mambaout_pl.tasks.classification_pictures import ClassificationPictures
 
 
 class ClassificationTask(BaseTask):
@@ -27,7 +28,8 @@ class ClassificationTask(BaseTask):
 
     ``task(images)`` returns logits. Batches are ``{"image": [B,3,H,W], "label": [B]}`` dicts
     (or ``(images, labels)`` tuples). Logs ``train/loss``, ``val/loss``, ``val/top1``,
-    ``val/top5`` and the same under ``test/``.
+    ``val/top5`` and the same under ``test/``, and pictures of the first validation images with their
+    true and predicted classes (``ClassificationPictures``) to the loggers and the run folder.
 
     Args:
         backbone: any name ``mambaout_pl.models.create_model`` accepts: ours, any timm model, or a
@@ -131,7 +133,7 @@ class ClassificationTask(BaseTask):
         writer = ClassificationPredictionWriter(
             hparams.predict_dir, hparams.predict_top_k, hparams.predict_format, hparams.label_names
         )
-        return [*super().configure_callbacks(), writer]
+        return [*super().configure_callbacks(), writer, ClassificationPictures(label_names=hparams.label_names)]
 
     def setup(self, stage: str) -> None:
         """Refuse Mixup/CutMix with batches it cannot pair (odd sizes, or a smaller last batch)."""

@@ -8,6 +8,8 @@
   one root each get their own folder (Lightning only lists the folders that exist).
 - :func:`prediction_folder` is where prediction writers write by default: the run's own version
   folder, beside its ``config.yaml``; :func:`check_new_output` refuses to overwrite an earlier file.
+- :func:`local_run_folder` is the run's version folder as one process sees it, for code that runs on
+  rank zero only (``trainer.log_dir`` is a collective call).
 """
 
 from __future__ import annotations
@@ -87,6 +89,17 @@ def prediction_folder(trainer: Trainer, output_dir: str | os.PathLike | None) ->
     if output_dir is not None:
         return Path(output_dir)
     return Path(log_dir or trainer.default_root_dir) / "predict"
+
+
+def local_run_folder(trainer: Trainer) -> Path:
+    """``trainer.log_dir`` as this process sees it, without Lightning's broadcast (which every rank must join):
+    for code that runs on rank zero only."""
+    loggers = trainer.loggers
+    if not loggers:
+        return Path(trainer.default_root_dir)
+    logger = loggers[0]
+    folder = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
+    return Path(folder or trainer.default_root_dir)
 
 
 def check_new_output(path: Path, key: str = "model.predict_dir") -> None:
