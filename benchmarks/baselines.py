@@ -35,7 +35,8 @@ import sys
 import types
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -80,6 +81,9 @@ OFFICIAL_PARAMS = {
 # Dense tasks (params M, GMACs): Mask R-CNN 1x at 800x1280, UperNet at 512x2048 (MambaOut paper Tables 2-3, VMamba README).
 PUBLISHED_DETECTION = {"mambaout_tiny": (43, 262), "vanilla_vmamba_tiny": (42, 286), "vmamba_tiny_s1l8": (50, 271)}
 PUBLISHED_SEGMENTATION = {"mambaout_tiny": (54, 938), "vanilla_vmamba_tiny": (55, 964), "vmamba_tiny_s1l8": (62, 949)}
+# timm's published inference rates at 224² on one RTX 4090 (AMP, batch 1024, eager; PyTorch 2.9.1, CUDA 12.8):
+# results/benchmark-infer-amp-nchw-pt291-cu128-4090.csv of huggingface/pytorch-image-models.
+PUBLISHED_4090_INFER = {"mambaout_tiny": 3965.38, "convnext_tiny": 4814.88}
 SPEED_MODELS = (
     "mambaout_tiny",
     "vanilla_vmamba_tiny",
@@ -225,7 +229,13 @@ def run_speed(args: argparse.Namespace) -> None:
             print(" | ".join(cells), flush=True)
     print(f"\n{machine_description(args.device)}; batch {args.batch_size}, {args.precision}, {args.steps} timed steps")
     headers = ("model", "size", "train img/s", "train peak MiB", "infer img/s", "infer peak MiB")
-    print(format_table(headers, rows, right=(False, False, True, True, True, True)))
+    if args.device.startswith("cuda"):  # timm's own 4090 figures beside ours, where it publishes one
+        headers += ("timm 4090 infer img/s (224², AMP)",)
+        rows = [
+            [*cells, f"{PUBLISHED_4090_INFER[cells[0]]:.0f}" if cells[0] in PUBLISHED_4090_INFER else ""]
+            for cells in rows
+        ]
+    print(format_table(headers, rows, right=(False, False, *[True] * (len(headers) - 2))))
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=2))
 
@@ -265,8 +275,19 @@ def official_mamba_vision(vim_repo: str, name: str) -> torch.nn.Module:
     return getattr(mamba_vision, name)()
 
 
+def official_vim(vim_repo: str, name: str) -> torch.nn.Module:
+    """The official `VisionMamba` of `vim_repo` (an export of hustvl/Vim), its CUDA kernels replaced by the
+    repository's own reference functions (see tests/data/make_vim_reference.py, which does the replacing)."""
+    script = load_module("make_vim_reference", ROOT / "tests" / "data" / "make_vim_reference.py")
+    models_mamba = script.load_official(Path(vim_repo))
+    width = {"vim_tiny": 192, "vim_small": 384}[name]
+    return models_mamba.VisionMamba(embed_dim=width, depth=24, **script.OFFICIAL_ARGS)
+
+
 def run_official(args: argparse.Namespace) -> None:
     cases = []
+    if args.vim_repo:
+        cases += [("vim_tiny", lambda: official_vim(args.vim_repo, "vim_tiny"))]
     if args.vmamba_file:
         cases += [
             (name, lambda n=name: official_vmamba(args.vmamba_file, n))

@@ -57,7 +57,8 @@ def chromium(url: str, profile: Path, *arguments: str, timeout: float = 60) -> s
 
 
 class Tables(HTMLParser):
-    """The tables of a page by ``id``: each a list of rows, each row a list of ``(text, data-value or None)``."""
+    """The tables of a page by ``id``: each a list of rows (the header row first), each row a list of
+    ``(text, data-value or None)``; and the sources of its images and targets of its links, in page order."""
 
     def __init__(self, text: str) -> None:
         super().__init__()
@@ -66,11 +67,17 @@ class Tables(HTMLParser):
         self._table: str | None = None
         self._cell: list[str] | None = None
         self._value: str | None = None
+        self.images: list[str] = []
+        self.links: list[str] = []
         self.feed(text)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         attributes = dict(attrs)
-        if tag == "table":
+        if tag == "img":
+            self.images.append(attributes.get("src") or "")
+        elif tag == "a":
+            self.links.append(attributes.get("href") or "")
+        elif tag == "table":
             self._table = attributes.get("id") or f"table{len(self.tables)}"
             self.tables[self._table] = []
             self.marked[self._table] = []

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from browser_helpers import Tables
 
 from mambaout_pl.cli import run_cli
 from mambaout_pl.compare import (
@@ -309,8 +310,9 @@ def test_the_report_is_read_from_prepared_run_folders(tmp_path):
     write_prepared_run(out, "b", 96, 4, started=True)
     assert [r.status for r in collect_runs(out)] == ["done"] * 6 + ["failed", "interrupted"]
     paths = write_report(out, arms=["b", "a"])
-    assert [path.name for path in paths] == ["results.csv", "report.md", "metric_vs_l6d.png", "metric_vs_gmacs.png"]
-    assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in paths[2:])
+    names = ["results.csv", "report.md", "report.html", "metric_vs_l6d.png", "metric_vs_gmacs.png"]
+    assert [path.name for path in paths] == names
+    assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in paths[3:])
     with open(out / "results.csv") as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == 8 and rows[0]["value"] == "0.5" and rows[6]["status"] == "failed" and rows[6]["value"] == ""
@@ -327,6 +329,31 @@ def test_the_report_is_read_from_prepared_run_folders(tmp_path):
     assert f"| 96 | a | 0,1,2 | 0.1000 ± 0.1000 | [{0.1 - half:.4f}, {0.1 + half:.4f}] | no |" in report
     assert "arm b, size 96, seed 3: failed in fit: MemoryError: out; log `runs/b/size96/seed3/log.txt`" in report
     assert "arm b, size 96, seed 4: interrupted" in report
+    # report.html: the same tables, cell for cell, and the plots
+    page = Tables((out / "report.html").read_text())
+    summary = [[text for text, _ in row] for row in page.tables["summary"]]
+    assert summary[0][:7] == ["arm", "size", "input", "L/6D", "seeds", "val/mIoU", "95% interval"]
+    assert summary[1][:7] == [
+        "b",
+        "96",
+        "96x96",
+        "2.00",
+        "3/5",
+        "0.5000 ± 0.1000",
+        f"[{0.5 - half:.4f}, {0.5 + half:.4f}]",
+    ]
+    assert summary[2][:7] == [
+        "a",
+        "96",
+        "96x96",
+        "2.00",
+        "3/3",
+        "0.6000 ± 0.1000",
+        f"[{0.6 - half:.4f}, {0.6 + half:.4f}]",
+    ]
+    differences = [[text for text, _ in row] for row in page.tables["differences"]]
+    assert differences[1:] == [["96", "a", "0,1,2", "0.1000 ± 0.1000", f"[{0.1 - half:.4f}, {0.1 + half:.4f}]", "no"]]
+    assert page.images == ["metric_vs_l6d.png", "metric_vs_gmacs.png"]
 
 
 # Costs and --match-macs
@@ -426,6 +453,18 @@ def test_compare_command_runs_a_grid_in_parallel_processes_and_reports(tmp_path,
     assert by_arm["tiny_conv", "64"]["gmacs"] == by_arm["conv_settings", "64"]["gmacs"]
     assert all(row["memory_measure"] == "process_max_rss" and float(row["peak_memory_mb"]) > 0 for row in rows)
     assert all("=== attempt started" in (out / row["run_folder"] / "log.txt").read_text() for row in rows)
+    # report.html links each run's own report (its curves), which `mambaout report` wrote in its training folder
+    page = Tables((out / "report.html").read_text())
+    run_pages = sorted(out / link for link in page.links)
+    assert (
+        run_pages == sorted(out.glob("runs/*/size64/seed0/lightning_logs/version_*/report.html"))
+        and len(run_pages) == 2
+    )
+    for run_page in run_pages:  # one epoch: one scores row, holding the val/top1 that metrics.csv holds
+        scores = Tables(run_page.read_text()).tables["scores"]
+        header, values = [text for text, _ in scores[0]], scores[1:]
+        logged = next(csv.DictReader(open(run_page.with_name("metrics.csv"))))
+        assert len(values) == 1 and float(values[0][header.index("val/top1")][1]) == float(logged["val/top1"])
     assert compare_main(arguments) == 0  # all done: nothing runs again
     assert "2 done" in capsys.readouterr().out
     assert sorted(path.name for path in tmp_path.iterdir()) == ["grid", "overlays"]

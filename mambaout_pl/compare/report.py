@@ -1,4 +1,4 @@
-"""The report of a grid, read from its run folders only: ``results.csv``, ``report.md`` and two PNG plots.
+"""The report of a grid, read from its run folders only: ``results.csv``, ``report.md``, ``report.html``, two PNG plots.
 
 Every run folder holds its record (``run.json``), costs (``costs.json``) and validated metrics
 (``metrics.json``), whichever launcher ran it, so the report reads the same wherever the runs ran.
@@ -8,6 +8,8 @@ Every run folder holds its record (``run.json``), costs (``costs.json``) and val
 - ``report.md``: per arm and size, the metric's mean ± std and 95% t-interval over seeds beside the
   cost columns; each arm's paired-by-seed difference from the reference arm at each size, called
   significant only when its interval excludes 0; the runs that did not finish, with their logs.
+- ``report.html``: the same page for a browser, linking each finished run's own ``report.html``
+  (``mambaout report`` of its training folder: curves, per-class scores, pictures).
 - ``metric_vs_l6d.png`` (the metric against the first stage's L/6D, one line per arm, 95% intervals
   as error bars) and ``metric_vs_gmacs.png``.
 """
@@ -35,7 +37,11 @@ from mambaout_pl.compare.grid import (
     run_status,
 )
 from mambaout_pl.compare.statistics import CONFIDENCE, Summary, paired_difference, summarize
+from mambaout_pl.report.html import image_html, link_html, page_html, paragraph_html, table_html, write_page
+from mambaout_pl.report.report import REPORT_FILE
+from mambaout_pl.report.report import write_report as write_run_report
 from mambaout_pl.training.atomic import atomic_write
+from mambaout_pl.training.metrics_file import METRICS_FILE as RUN_METRICS_FILE
 
 __all__ = ["RunRecord", "collect_runs", "results_table", "write_report", "CSV_COLUMNS"]
 
@@ -171,96 +177,196 @@ def _summary_text(summary: Summary | None) -> tuple[str, str]:
     return f"{summary.mean:.4f}{spread}", interval
 
 
-def report_text(records: Sequence[RunRecord], out: Path, arms: Sequence[str], reference: str | None) -> str:
-    """``report.md``'s text."""
-    done = [r for r in records if r.status == DONE]
-    grid = json.loads((out / GRID_FILE).read_text()) if (out / GRID_FILE).is_file() else {}
-    monitor = records[0].monitor if records else grid.get("monitor", "metric")
-    mode = records[0].mode if records else grid.get("mode", "max")
-    counts = {
-        status: sum(r.status == status for r in records) for status in ("done", "interrupted", "failed", "pending")
-    }
-    lines = [
-        f"# Comparison: {out.name}",
-        "",
-        f"Recipe `{grid.get('base', '?')}`, task `{grid.get('task', '?')}`; overrides for every run: "
-        f"`{' '.join(grid.get('overrides', [])) or 'none'}`. Metric: `{monitor}` of the final weights "
-        f"(`validate` of each run's last.ckpt; {'higher' if mode == 'max' else 'lower'} is better). "
-        f"Runs: {', '.join(f'{n} {status}' for status, n in counts.items() if n)}.",
-        "",
-        f"## {monitor} per arm and size",
-        "",
-        f"Mean ± sample std over seeds and the t-based {CONFIDENCE:.0%} interval of the mean. Costs: parameters, "
-        "GMACs per image (a detector's as the paper counts them: backbone + FPN, RPN head, box and mask heads on the "
-        "RoIs kept at test time), the backbone's GMACs, training img/s and peak memory (means over the seeds' runs, "
-        "measured while they ran), and L/6D of the first stage at the input the backbone got.",
-        "",
-        "| arm | size | input | L/6D | seeds | " + monitor + f" | {CONFIDENCE:.0%} interval | params | GMACs | "
-        "backbone GMACs | train img/s | peak MiB | changed |",
-        "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
-    ]
-    groups = _groups(records, arms)
-    for (arm, size), group in groups.items():
+def summary_rows(records: Sequence[RunRecord], arms: Sequence[str], monitor: str) -> tuple[list[str], list[list[str]]]:
+    """The per-arm-and-size table: header and rows of formatted cells."""
+    header = [
+        "arm", "size", "input", "L/6D", "seeds", monitor, f"{CONFIDENCE:.0%} interval", "params", "GMACs",
+        "backbone GMACs", "train img/s", "peak MiB", "changed",
+    ]  # fmt: skip
+    rows = []
+    for (arm, size), group in _groups(records, arms).items():
         finished = [r for r in group if r.status == DONE]
         summary = summarize([r.value for r in finished]) if finished else None
         mean_text, interval = _summary_text(summary)
         with_costs = [r for r in group if r.costs]
         cost = {key: _mean([r.costs.get(key) for r in with_costs]) for key in COST_KEYS}
         inputs = sorted({"x".join(map(str, r.costs["input_size"])) for r in with_costs if r.costs.get("input_size")})
-        lines.append(
-            f"| {arm} | {size} | {', '.join(inputs) or '-'} | {_format(cost['l_over_6d'], 2)} | "
-            f"{len(finished)}/{len(group)} | {mean_text} | {interval} | "
-            f"{_count(cost['params'])} | {_format(cost['gmacs'])} | "
-            f"{_format(cost['backbone_gmacs'])} | {_format(cost['train_images_per_second'], 1)} | "
-            f"{_format(cost['peak_memory_mb'], 0)} | {_changed(group[0]) or '-'} |"
+        rows.append(
+            [
+                arm,
+                str(size),
+                ", ".join(inputs) or "-",
+                _format(cost["l_over_6d"], 2),
+                f"{len(finished)}/{len(group)}",
+                mean_text,
+                interval,
+                _count(cost["params"]),
+                _format(cost["gmacs"]),
+                _format(cost["backbone_gmacs"]),
+                _format(cost["train_images_per_second"], 1),
+                _format(cost["peak_memory_mb"], 0),
+                _changed(group[0]) or "-",
+            ]
         )
-    arm_names = list(dict.fromkeys(arm for arm, _ in groups))
+    return header, rows
+
+
+def difference_rows(records: Sequence[RunRecord], arm_names: Sequence[str], reference: str) -> list[list[str]]:
+    """Per size, each arm's paired-by-seed difference from ``reference``: formatted rows of :data:`DIFFERENCE_HEADER`."""
+    done = [r for r in records if r.status == DONE]
+    rows = []
+    for size in sorted({r.size for r in done}):
+        base_values = {r.seed: r.value for r in done if r.arm == reference and r.size == size}
+        for arm in arm_names:
+            if arm == reference:
+                continue
+            values = {r.seed: r.value for r in done if r.arm == arm and r.size == size}
+            difference = paired_difference(values, base_values)
+            if difference is None:
+                rows.append([str(size), arm, "none shared", "-", "-", "-"])
+                continue
+            mean_text, interval = _summary_text(difference.summary)
+            verdict = {True: "yes", False: "no", None: "- (one seed)"}[difference.significant]
+            rows.append([str(size), arm, ",".join(map(str, difference.seeds)), mean_text, interval, verdict])
+    return rows
+
+
+DIFFERENCE_HEADER = ["size", "arm", "seeds", "difference", f"{CONFIDENCE:.0%} interval", "significant"]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> list[str]:
+    """A Markdown table's lines; ``right[i]`` aligns column ``i`` to the right."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if r else "---" for r in right) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+@dataclass
+class ReportContent:
+    """What both ``report.md`` and ``report.html`` show."""
+
+    title: str
+    intro: str
+    monitor: str
+    summary: tuple[list[str], list[list[str]]]
+    reference: str | None
+    differences: list[list[str]]
+    unfinished: list[str]
+    plots: bool
+
+
+def report_content(
+    records: Sequence[RunRecord], out: Path, arms: Sequence[str], reference: str | None
+) -> ReportContent:
+    grid = json.loads((out / GRID_FILE).read_text()) if (out / GRID_FILE).is_file() else {}
+    monitor = records[0].monitor if records else grid.get("monitor", "metric")
+    mode = records[0].mode if records else grid.get("mode", "max")
+    counts = {
+        status: sum(r.status == status for r in records) for status in ("done", "interrupted", "failed", "pending")
+    }
+    intro = (
+        f"Recipe `{grid.get('base', '?')}`, task `{grid.get('task', '?')}`; overrides for every run: "
+        f"`{' '.join(grid.get('overrides', [])) or 'none'}`. Metric: `{monitor}` of the final weights "
+        f"(`validate` of each run's last.ckpt; {'higher' if mode == 'max' else 'lower'} is better). "
+        f"Runs: {', '.join(f'{n} {status}' for status, n in counts.items() if n)}."
+    )
+    arm_names = list(dict.fromkeys(arm for arm, _ in _groups(records, arms)))
     reference = reference if reference in arm_names else (arm_names[0] if arm_names else None)
-    if reference is not None and len(arm_names) > 1:
-        lines += [
-            "",
-            f"## Paired differences from {reference}",
-            "",
-            f"Per size, each arm's {monitor} minus {reference}'s on the seeds both finished: mean ± std of the "
-            f"differences and their {CONFIDENCE:.0%} t-interval. Significant only when the interval excludes 0.",
-            "",
-            f"| size | arm | seeds | difference | {CONFIDENCE:.0%} interval | significant |",
-            "|---:|---|---|---:|---|---|",
-        ]
-        for size in sorted({r.size for r in done}):
-            base_values = {r.seed: r.value for r in done if r.arm == reference and r.size == size}
-            for arm in arm_names:
-                if arm == reference:
-                    continue
-                values = {r.seed: r.value for r in done if r.arm == arm and r.size == size}
-                difference = paired_difference(values, base_values)
-                if difference is None:
-                    lines.append(f"| {size} | {arm} | none shared | - | - | - |")
-                    continue
-                mean_text, interval = _summary_text(difference.summary)
-                verdict = {True: "**yes**", False: "no", None: "- (one seed)"}[difference.significant]
-                seeds = ",".join(map(str, difference.seeds))
-                lines.append(f"| {size} | {arm} | {seeds} | {mean_text} | {interval} | {verdict} |")
-    unfinished = [r for r in records if r.status != DONE]
-    if unfinished:
-        lines += ["", "## Runs not done", ""]
-        for r in unfinished:
-            detail = r.status
-            if r.failure is not None:
-                detail = f"failed in {r.failure['stage']}: {r.failure['error']}"
-            lines.append(
-                f"- arm {r.arm}, size {r.size}, seed {r.seed}: {detail}; log `{(r.folder / LOG_FILE).relative_to(out)}`"
-            )
-    if done:
-        lines += [
-            "",
-            "## Plots",
-            "",
-            f"![{monitor} against L/6D](metric_vs_l6d.png)",
-            "",
-            f"![{monitor} against GMACs](metric_vs_gmacs.png)",
-        ]
+    differences = difference_rows(records, arm_names, reference) if reference and len(arm_names) > 1 else []
+    unfinished = []
+    for r in records:
+        if r.status == DONE:
+            continue
+        detail = r.status
+        if r.failure is not None:
+            detail = f"failed in {r.failure['stage']}: {r.failure['error']}"
+        log = (r.folder / LOG_FILE).relative_to(out)
+        unfinished.append(f"arm {r.arm}, size {r.size}, seed {r.seed}: {detail}; log `{log}`")
+    return ReportContent(
+        title=f"Comparison: {out.name}",
+        intro=intro,
+        monitor=monitor,
+        summary=summary_rows(records, arms, monitor),
+        reference=reference if differences else None,
+        differences=differences,
+        unfinished=unfinished,
+        plots=any(r.status == DONE for r in records),
+    )
+
+
+SUMMARY_NOTE = (
+    "Mean ± sample std over seeds and the t-based {confidence} interval of the mean. Costs: parameters, GMACs per "
+    "image (a detector's as the paper counts them: backbone + FPN, RPN head, box and mask heads on the RoIs kept at "
+    "test time), the backbone's GMACs, training img/s and peak memory (means over the seeds' runs, measured while "
+    "they ran), and L/6D of the first stage at the input the backbone got."
+)
+DIFFERENCE_NOTE = (
+    "Per size, each arm's {monitor} minus {reference}'s on the seeds both finished: mean ± std of the differences "
+    "and their {confidence} t-interval. Significant only when the interval excludes 0."
+)
+PLOTS = (("metric_vs_l6d.png", "against L/6D"), ("metric_vs_gmacs.png", "against GMACs"))
+
+
+def report_text(records: Sequence[RunRecord], out: Path, arms: Sequence[str], reference: str | None) -> str:
+    """``report.md``'s text."""
+    content = report_content(records, out, arms, reference)
+    confidence = f"{CONFIDENCE:.0%}"
+    header, rows = content.summary
+    right = [False, True, False, True, True, True, False, True, True, True, True, True, False]
+    lines = [f"# {content.title}", "", content.intro, "", f"## {content.monitor} per arm and size", ""]
+    lines += [SUMMARY_NOTE.format(confidence=confidence), "", *markdown_table(header, rows, right)]
+    if content.reference is not None:
+        note = DIFFERENCE_NOTE.format(monitor=content.monitor, reference=content.reference, confidence=confidence)
+        lines += ["", f"## Paired differences from {content.reference}", "", note, ""]
+        bold = [[*row[:-1], "**yes**" if row[-1] == "yes" else row[-1]] for row in content.differences]
+        lines += markdown_table(DIFFERENCE_HEADER, bold, [True, False, False, True, False, False])
+    if content.unfinished:
+        lines += ["", "## Runs not done", "", *(f"- {line}" for line in content.unfinished)]
+    if content.plots:
+        lines += ["", "## Plots"]
+        for name, what in PLOTS:
+            lines += ["", f"![{content.monitor} {what}]({name})"]
     return "\n".join(lines) + "\n"
+
+
+def report_html(
+    records: Sequence[RunRecord], out: Path, arms: Sequence[str], reference: str | None, run_pages: Sequence[Path]
+) -> str:
+    """``report.html``'s text: ``report.md``'s sections, and links to the runs' own reports (``run_pages``)."""
+    content = report_content(records, out, arms, reference)
+    confidence = f"{CONFIDENCE:.0%}"
+    header, rows = content.summary
+    summary = paragraph_html(SUMMARY_NOTE.format(confidence=confidence)) + table_html(header, rows, table_id="summary")
+    sections = [(f"{content.monitor} per arm and size", summary)]
+    if content.reference is not None:
+        note = DIFFERENCE_NOTE.format(monitor=content.monitor, reference=content.reference, confidence=confidence)
+        body = paragraph_html(note) + table_html(DIFFERENCE_HEADER, content.differences, table_id="differences")
+        sections.append((f"Paired differences from {content.reference}", body))
+    if content.unfinished:
+        sections.append(("Runs not done", "".join(paragraph_html(line) for line in content.unfinished)))
+    if content.plots:
+        figures = [image_html(name, f"{content.monitor} {what}", width=640) for name, what in PLOTS]
+        sections.append(("Plots", "\n".join(figures)))
+    if run_pages:
+        links = [link_html(str(page.relative_to(out)), str(page.parent.relative_to(out))) for page in run_pages]
+        sections.append(("Runs", "<ul>" + "".join(f"<li>{link}</li>" for link in links) + "</ul>"))
+    return page_html(content.title, sections, intro=content.intro)
+
+
+def write_run_reports(records: Sequence[RunRecord]) -> list[Path]:
+    """Each finished run's own ``report.html`` (``mambaout report`` of its training folder), written again only
+    when the run's ``metrics.csv`` is newer than it; returns the pages."""
+    pages = []
+    for record in records:
+        if record.status != DONE:
+            continue
+        for run_dir in sorted(record.folder.glob("lightning_logs/version_*")):
+            metrics, page = run_dir / RUN_METRICS_FILE, run_dir / REPORT_FILE
+            if not metrics.is_file():
+                continue
+            if not page.is_file() or page.stat().st_mtime < metrics.stat().st_mtime:
+                write_run_report(run_dir)
+            pages.append(page)
+    return pages
 
 
 def _plot(records: Sequence[RunRecord], arms: Sequence[str], x_key: str, x_label: str, path: Path) -> None:
@@ -297,7 +403,8 @@ def _plot(records: Sequence[RunRecord], arms: Sequence[str], x_key: str, x_label
 
 
 def write_report(out: Path, arms: Sequence[str] = (), reference: str | None = None) -> list[Path]:
-    """Write ``results.csv``, ``report.md`` and (with any run done) the two plots into ``out``; returns their paths.
+    """Write ``results.csv``, ``report.md``, ``report.html`` (with each finished run's own ``report.html``) and
+    (with any run done) the two plots into ``out``; returns the grid's files.
 
     ``arms`` orders the arms (default: ``grid.json``'s order); ``reference`` is the arm the others are
     compared with (default: the first).
@@ -306,7 +413,7 @@ def write_report(out: Path, arms: Sequence[str] = (), reference: str | None = No
     if not arms and (out / GRID_FILE).is_file():
         arms = list(json.loads((out / GRID_FILE).read_text())["arms"])
     records = collect_runs(out)
-    written = [out / "results.csv", out / "report.md"]
+    written = [out / "results.csv", out / "report.md", out / REPORT_FILE]
     csv_text = results_table(records, out)
     markdown = report_text(records, out, arms, reference)
     atomic_write(written[0], lambda file: file.write(csv_text.encode()))
@@ -318,4 +425,5 @@ def write_report(out: Path, arms: Sequence[str] = (), reference: str | None = No
         ):
             _plot(records, arms, key, label, out / name)
             written.append(out / name)
+    write_page(written[2], report_html(records, out, arms, reference, write_run_reports(records)))
     return written

@@ -13,7 +13,18 @@ from pathlib import Path
 
 from mambaout_pl.training.atomic import atomic_write
 
-__all__ = ["Cell", "format_number", "heading_html", "image_html", "page_html", "pre_html", "table_html", "write_page"]
+__all__ = [
+    "Cell",
+    "format_number",
+    "heading_html",
+    "image_html",
+    "link_html",
+    "page_html",
+    "paragraph_html",
+    "pre_html",
+    "table_html",
+    "write_page",
+]
 
 Cell = str | int | float | None
 
@@ -84,6 +95,15 @@ def image_html(source: str, caption: str, width: int | None = None, css_class: s
 def heading_html(text: str) -> str:
     """A sub-heading inside a section."""
     return f"<h3>{html.escape(text)}</h3>"
+
+
+def paragraph_html(text: str) -> str:
+    return f"<p>{html.escape(text)}</p>"
+
+
+def link_html(href: str, text: str) -> str:
+    """A link to ``href`` (a path relative to the page)."""
+    return f'<a href="{html.escape(href)}">{html.escape(text)}</a>'
 
 
 def pre_html(text: str) -> str:
