@@ -306,9 +306,8 @@ DIFFERENCE_NOTE = (
 PLOTS = (("metric_vs_l6d.png", "against L/6D"), ("metric_vs_gmacs.png", "against GMACs"))
 
 
-def report_text(records: Sequence[RunRecord], out: Path, arms: Sequence[str], reference: str | None) -> str:
+def report_text(content: ReportContent) -> str:
     """``report.md``'s text."""
-    content = report_content(records, out, arms, reference)
     confidence = f"{CONFIDENCE:.0%}"
     header, rows = content.summary
     right = [False, True, False, True, True, True, False, True, True, True, True, True, False]
@@ -328,11 +327,8 @@ def report_text(records: Sequence[RunRecord], out: Path, arms: Sequence[str], re
     return "\n".join(lines) + "\n"
 
 
-def report_html(
-    records: Sequence[RunRecord], out: Path, arms: Sequence[str], reference: str | None, run_pages: Sequence[Path]
-) -> str:
+def report_html(content: ReportContent, out: Path, run_pages: Sequence[Path]) -> str:
     """``report.html``'s text: ``report.md``'s sections, and links to the runs' own reports (``run_pages``)."""
-    content = report_content(records, out, arms, reference)
     confidence = f"{CONFIDENCE:.0%}"
     header, rows = content.summary
     summary = paragraph_html(SUMMARY_NOTE.format(confidence=confidence)) + table_html(header, rows, table_id="summary")
@@ -415,7 +411,8 @@ def write_report(out: Path, arms: Sequence[str] = (), reference: str | None = No
     records = collect_runs(out)
     written = [out / "results.csv", out / "report.md", out / REPORT_FILE]
     csv_text = results_table(records, out)
-    markdown = report_text(records, out, arms, reference)
+    content = report_content(records, out, arms, reference)
+    markdown = report_text(content)
     atomic_write(written[0], lambda file: file.write(csv_text.encode()))
     atomic_write(written[1], lambda file: file.write(markdown.encode()))
     if any(r.status == DONE for r in records):
@@ -425,5 +422,5 @@ def write_report(out: Path, arms: Sequence[str] = (), reference: str | None = No
         ):
             _plot(records, arms, key, label, out / name)
             written.append(out / name)
-    write_page(written[2], report_html(records, out, arms, reference, write_run_reports(records)))
+    write_page(written[2], report_html(content, out, write_run_reports(records)))
     return written
