@@ -15,12 +15,14 @@ import argparse
 import copy
 import datetime
 import json
+import os
 import platform
 import sys
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -41,6 +43,8 @@ __all__ = [
     "count_macs",
     "measure_throughput",
     "profile_model",
+    "check_memory",
+    "largest_activation",
     "describe_token_mixers",
     "format_table",
     "machine_description",
@@ -253,6 +257,8 @@ def profile_model(
     check_profile_settings(batch_size, steps, warmup)
     meta_model = build_model(name, image_size, model_args=model_args)
     check_image_size(meta_model, name, image_size)
+    if steps > 0:
+        check_memory(meta_model, name, image_size, batch_size, precision, device)
     params = sum(p.numel() for p in meta_model.parameters())
     try:
         macs = count_macs(meta_model, image_size)
@@ -287,6 +293,77 @@ def check_image_size(model: nn.Module, name: str, image_size: tuple[int, int]) -
         raise ValueError(
             f"--image-size {image_size[0]} {image_size[1]} is too small for {name}: it downsamples by {reduction}, so "
             f"each side must be at least {reduction} pixels."
+        )
+
+
+def largest_activation(model: nn.Module, image_size: tuple[int, int]) -> int:
+    """The element count of the largest output of any layer of ``model`` for one image (a meta-device pass)."""
+    if _device_of(model).type != "meta":
+        model = copy.deepcopy(model).to("meta")
+    largest = 0
+
+    def record(module: nn.Module, inputs: Any, output: Any) -> None:
+        nonlocal largest
+        for tensor in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(tensor, torch.Tensor):
+                largest = max(largest, tensor.numel())
+
+    leaves = [module for module in model.modules() if not any(True for _ in module.children())]
+    handles = [module.register_forward_hook(record) for module in leaves]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.empty(1, getattr(model, "in_chans", 3), *image_size, device="meta"))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return largest
+
+
+def available_memory(device: str | torch.device) -> int | None:
+    """Bytes that can be allocated now on ``device`` (free GPU memory; on CPU the kernel's MemAvailable), or None."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(
+    model: nn.Module,
+    name: str,
+    image_size: tuple[int, int],
+    batch_size: int,
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+) -> None:
+    """Raise when the timed steps cannot fit on ``device``: the input batch and the largest layer output alone
+    (a lower bound of what a forward pass holds at once, from a meta-device pass) exceed its free memory."""
+    available = available_memory(device)
+    if available is None:
+        return
+    image_bytes = batch_size * getattr(model, "in_chans", 3) * image_size[0] * image_size[1] * 4
+    activation_bytes = batch_size * largest_activation(model, image_size) * (2 if precision == "bf16" else 4)
+    needed = image_bytes + activation_bytes
+    if needed > available:
+        gib = 2**30
+        raise ValueError(
+            f"--image-size {image_size[0]} {image_size[1]} with --batch-size {batch_size} is too large for {name} on "
+            f"{torch.device(device)}: the input batch and its largest layer output alone take {needed / gib:.1f} GiB, "
+            f"and {available / gib:.1f} GiB are free. Give a smaller --image-size or --batch-size, or --steps 0 to "
+            "count parameters and GMACs only."
         )
 
 

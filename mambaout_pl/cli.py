@@ -8,6 +8,7 @@ mambaout fit --config recipes/imagenet_mambaout.yaml --print_config
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -48,6 +49,7 @@ from mambaout_pl.training.resume import CHECKPOINT_KEY, saved_model_settings
 from mambaout_pl.training.run_folders import check_output_paths, reserve_log_versions
 from mambaout_pl.training.run_summary import RunSummary
 from mambaout_pl.training.sharded_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint_metadata
+from mambaout_pl.training.unused_run_folders import remove_unused_run_folders
 
 #: ``--ckpt_path`` values Lightning resolves itself (the trainer's own checkpoints, the model registry).
 LIGHTNING_CHECKPOINT_NAMES = ("best", "last", "hpc", "registry")
@@ -124,9 +126,20 @@ class MambaOutCLI(LightningCLI):
             trainer.callbacks = [callback for callback in trainer.callbacks if callback is not lr_monitor]
         check_output_paths(trainer, self.model)
         self._last_checkpoint = self._resolve_last_checkpoint(trainer)
-        reserve_log_versions(trainer)
+        self._created_run_folders = reserve_log_versions(trainer)  # removed if the command fails before using them
         record_precision(self.config.get(str(self.subcommand), self.config), trainer)
         return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run ``subcommand``; when it fails, remove the run folders it created that hold only what every command
+        writes as it starts (see :mod:`mambaout_pl.training.unused_run_folders`)."""
+        failed = True
+        try:
+            super()._run_subcommand(subcommand)
+            failed = False
+        finally:
+            if failed:
+                remove_unused_run_folders(getattr(self, "_created_run_folders", ()))
 
     def _parse_ckpt_path(self) -> None:
         """Read ``--ckpt_path`` (a file, or a sharded checkpoint folder's ``meta.pt``) without unpickling objects,
@@ -403,7 +416,10 @@ def print_help() -> int:
 
 
 def main(args: list[str] | None = None) -> int | None:
-    """Entry point of ``mambaout``, ``lightning`` and ``python -m mambaout_pl``."""
+    """Entry point of ``mambaout``, ``lightning`` and ``python -m mambaout_pl``; ``args`` (default: the command
+    line) as an argument list, from Python."""
+    if args is None:  # a command: the user's modules in the working folder import as under `python -m`
+        import_from_working_folder()
     argv = sys.argv[1:] if args is None else list(args)
     if argv in (["--version"], ["-V"]):
         print(version_text())
@@ -428,6 +444,22 @@ def main(args: list[str] | None = None) -> int | None:
         exit_with_error(str(cause))
     close_process_group()
     return None
+
+
+def import_from_working_folder() -> None:
+    """Let the class paths a user gives (``--model.class_path my_module.MyTask``, a recipe's) import modules of
+    the working folder, as ``python -m mambaout_pl`` does: a console script starts with only its own folder on
+    ``sys.path``.
+
+    The folder goes last, so that a file in it never shadows an installed package, and not at all under
+    ``python -P`` / ``PYTHONSAFEPATH``. Names read from checkpoints and exports still resolve only through the
+    allow-list (:func:`~mambaout_pl.models.untrusted_source`), wherever their modules lie.
+    """
+    if getattr(sys.flags, "safe_path", False):
+        return
+    folder = os.getcwd()
+    if not any(os.path.abspath(entry or os.curdir) == folder for entry in sys.path):
+        sys.path.append(folder)
 
 
 def close_process_group() -> None:

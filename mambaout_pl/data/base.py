@@ -75,8 +75,9 @@ class BaseDataModule(LightningDataModule):
         train_split: Split to train on (an ADE20K-layout folder's ``training`` folder is ``"train"``).
         val_split: Split to validate on; when the dataset has no such split, a seeded
             ``val_fraction`` of ``train_split`` is held out instead.
-        test_split: Split for ``trainer.test`` (labels required).
-        predict_split: Split for ``trainer.predict`` (labels optional).
+        test_split: Split for ``trainer.test`` (labels required). The ``val_split`` name of data without
+            that split (``val_fraction`` held out of ``train_split``) tests on the held-out part.
+        predict_split: Split for ``trainer.predict`` (labels optional); the ``val_split`` name as for ``test_split``.
         predict_images: Images for ``trainer.predict`` instead of ``predict_split``, read without labels: a
             folder (every image file under it, sub-folders included), a glob, or a list of files. The
             source above is then not opened to predict (the task's classes come from its checkpoint).
@@ -263,7 +264,7 @@ class BaseDataModule(LightningDataModule):
             if role == "predict" and hp.predict_images is not None:
                 continue
             if stage in (None, role) and split is not None:
-                self.datasets[role] = self._wrap(self._checked(split, f"{role}_split", role), split, role)
+                self.datasets[role] = self._wrap(self._evaluation_split(split, role), split, role)
             if stage == role and split is None:
                 what = "a test split" if role == "test" else "a split"
                 images = " or `predict_images` to a folder of images" if role == "predict" else ""
@@ -294,6 +295,19 @@ class BaseDataModule(LightningDataModule):
             )
         self.datasets["train"] = self._wrap(train, hp.train_split, "train")
         self.datasets["val"] = self._wrap(val, val_name, "val")
+
+    def _evaluation_split(self, split: str, role: str) -> AnyDataset:
+        """Split ``split`` checked for ``role`` (test, predict); when it is the ``val_split`` the data lacks,
+        the validation part held out of ``train_split``, as ``fit`` validates on."""
+        hp = self.hparams
+        if split == hp.val_split and split not in self.open() and hp.val_fraction > 0 and not hp.streaming:
+            _, held_out = self._hold_out(self._checked(hp.train_split, "train_split", "train"))
+            rank_zero_info(
+                f"{role}_split {split!r}: the {len(held_out)} examples held out of {hp.train_split!r} for validation "
+                f"(val_fraction={hp.val_fraction}, seed={hp.seed})."
+            )
+            return held_out
+        return self._checked(split, f"{role}_split", role)
 
     def _checked(self, split: str, argument: str, role: str) -> AnyDataset:
         """Split ``split`` checked for ``role``, its images left undecoded."""

@@ -10,6 +10,7 @@ are scored where the labels are.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,12 @@ from mambaout_pl.data.base import BaseDataModule
 from mambaout_pl.data.batches import SegmentationEvalBatch, SegmentationTrainBatch, pad_stack
 from mambaout_pl.data.errors import ColumnNotFoundError, CorruptImageError, DataError, InvalidLabelError
 from mambaout_pl.data.images import open_image, read_rgb_image
+from mambaout_pl.data.label_damage import (
+    DAMAGE_THRESHOLD,
+    DamagedLabelMapWarning,
+    describe_edge_values,
+    edge_only_values,
+)
 from mambaout_pl.data.segmentation_transforms import SegmentationTransform, create_segmentation_transforms
 from mambaout_pl.data.sources import ADE20K_LAYOUT, AnyDataset
 
@@ -236,6 +243,7 @@ class SegmentationSampleMaker:
         self.ignore_index = ignore_index
         self.split = split
         self.training = training
+        self._damage_reported = False
 
     def __call__(self, row: dict[str, Any], index: int) -> dict[str, Any]:
         image_value = row[self.image_column]
@@ -295,6 +303,26 @@ class SegmentationSampleMaker:
             labels = np.where(raw == 0, self.ignore_index, raw - 1)
             labels[raw == self.ignore_index] = self.ignore_index
         invalid = (labels >= self.num_classes) & (labels != self.ignore_index) | (labels < 0)
+        ignored = (self.ignore_index, 0) if self.reduce_zero_label else (self.ignore_index,)
+        fringe = edge_only_values(raw, ignored)
+        damaged = len(fringe) >= DAMAGE_THRESHOLD
+        if damaged and invalid.any() and set(np.unique(raw[invalid]).tolist()) <= set(fringe):
+            raise InvalidLabelError(
+                f"Label map {where} holds label value(s) {describe_edge_values(fringe)} that occur only along the "
+                "edges between regions, as lossy (JPEG) compression leaves them, and some are no class in "
+                f"[0, {self.num_classes}) nor the ignore index {self.ignore_index}: it was saved as JPEG at some point. "
+                "Recreate the label maps from the original labels, saved losslessly (PNG)."
+            )
+        if damaged and not self._damage_reported:
+            self._damage_reported = True
+            warnings.warn(
+                f"Label map {where} looks damaged by lossy (JPEG) compression: label value(s) "
+                f"{describe_edge_values(fringe)} occur only along the edges between regions, never inside one, and "
+                "train as classes there. Recreate the label maps from the original labels, saved losslessly (PNG). "
+                f"Further label maps of split {self.split!r} are not reported.",
+                DamagedLabelMapWarning,
+                stacklevel=2,
+            )
         if invalid.any():
             values = sorted(int(v) for v in np.unique(raw[invalid]))
             shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,11 +26,13 @@ def staged_export(target: Path, overwrite: bool) -> Iterator[Path]:
 
     ``target`` is reserved for this command meanwhile (``.<name>.export.lock`` beside it): a second
     export to the same folder refuses, naming the command writing it, instead of replacing its
-    export. ``target`` is checked (see :func:`check_export_target`) before and again right before
-    the rename, should anything else have written there meanwhile.
+    export. What an export that was killed left beside ``target`` is cleaned up first (see
+    :func:`clean_interrupted_export`). ``target`` is checked (see :func:`check_export_target`) before
+    and again right before the rename, should anything else have written there meanwhile.
     """
     lock = target.with_name(f".{target.name}.export.lock")
     with reserve_outputs(lock, target, "give another output folder"):
+        clean_interrupted_export(target)
         check_export_target(target, overwrite)
         with staged_folder(target, replace=True) as staging:
             yield staging
@@ -37,6 +42,51 @@ def staged_export(target: Path, overwrite: bool) -> Iterator[Path]:
             }
             (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
             check_export_target(target, overwrite)
+
+
+def clean_interrupted_export(target: Path) -> list[Path]:
+    """Clean up what exports of ``target`` that were killed left beside it; returns the folders removed.
+
+    An export writes into ``.<name>.<random>.staging`` and, with ``--overwrite``, renames the earlier
+    export to ``.<name>.replaced-<random>`` before renaming the staged folder onto ``target``. A kill
+    leaves these folders behind; a kill between the two renames leaves no ``target`` at all: the
+    earlier export is then renamed back to ``target`` (it was never replaced). Staged folders and
+    replaced exports beside an existing ``target`` are removed, with a warning naming them. Call it
+    only while holding the export's reservation of ``target``: no other export is writing them then.
+    """
+    staged = _beside(target, rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.staging")
+    replaced = _beside(target, rf"\.{re.escape(target.name)}\.replaced-[0-9a-f]{{8}}")
+    if not target.exists() and not target.is_symlink() and replaced:
+        earlier = max(replaced, key=lambda folder: folder.stat().st_mtime_ns)
+        earlier.rename(target)
+        replaced.remove(earlier)
+        warnings.warn(
+            f"An export to '{target}' was killed while it replaced the earlier export there, which it had moved to "
+            f"'{earlier}': that earlier export is back in '{target}'.",
+            stacklevel=2,
+        )
+    removed = []
+    for folder in [*staged, *replaced]:
+        shutil.rmtree(folder)
+        removed.append(folder)
+    if removed:
+        warnings.warn(
+            f"Removed what exports to '{target}' that were killed left beside it: "
+            f"{', '.join(repr(folder.name) for folder in removed)}.",
+            stacklevel=2,
+        )
+    return removed
+
+
+def _beside(target: Path, pattern: str) -> list[Path]:
+    """The folders beside ``target`` whose names match ``pattern`` (links and files are never touched)."""
+    if not target.parent.is_dir():
+        return []
+    return sorted(
+        entry
+        for entry in target.parent.iterdir()
+        if re.fullmatch(pattern, entry.name) and entry.is_dir() and not entry.is_symlink()
+    )
 
 
 def check_export_target(target: Path, overwrite: bool) -> None:

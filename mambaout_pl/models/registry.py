@@ -24,7 +24,7 @@ from typing import Any, Literal, NamedTuple, TypeVar, overload
 import timm
 from torch import nn
 
-from .weights import HF_HUB_PREFIX, CheckpointError, download_pretrained, load_pretrained
+from .weights import HF_HUB_PREFIX, CheckpointError, check_safetensors_file, download_pretrained, load_pretrained
 
 __all__ = [
     "UnknownModelError",
@@ -242,6 +242,9 @@ def from_pretrained(source: str | os.PathLike) -> nn.Module:
                 f"{label} names architecture {architecture!r}, which is not a timm model: a timm-format export is "
                 "built only from timm's own models (timm.list_models()), so loading it never runs code it names."
             )
+        weights = folder / "model.safetensors"
+        if weights.is_file():
+            check_safetensors_file(weights)  # timm's own reader would say only "incomplete metadata"
         return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     name = config.get("model_name")
     if not isinstance(name, str):

@@ -5,6 +5,7 @@ Files are read without running pickled code: torch files with `torch.load(weight
 """
 
 import argparse
+import json
 import logging
 import os
 import pickle
@@ -23,6 +24,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "CheckpointMismatchError",
     "read_state_dict",
+    "check_safetensors_file",
     "convert_official_state_dict",
     "load_pretrained",
     "download_pretrained",
@@ -53,6 +55,7 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        check_safetensors_file(path)
         try:
             checkpoint = load_file(str(path), device="cpu")
         except SafetensorError as e:
@@ -60,6 +63,36 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     else:
         checkpoint = _torch_load(path)
     return _unwrap_state_dict(checkpoint, path)
+
+
+def check_safetensors_file(path: PathLike) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` when it is shorter than its own header says (a download
+    or copy cut short, a full disk) or its header is not readable; the tensors are not read.
+
+    A safetensors file is an 8-byte header length, a JSON header giving each tensor's byte range,
+    then the tensors' bytes.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    fix = "Download or export it again (or copy the whole file again)."
+    with path.open("rb") as file:
+        prefix = file.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
+        if length is None or 8 + length > size:
+            raise CheckpointError(
+                f"'{path}' is truncated: it holds {size} bytes, which do not cover its safetensors header. {fix}"
+            )
+        try:
+            header = json.loads(file.read(length))
+        except (UnicodeDecodeError, ValueError) as error:
+            raise CheckpointError(f"'{path}' is damaged: its safetensors header is not JSON ({error}). {fix}") from None
+    entries = [entry for name, entry in header.items() if name != "__metadata__"] if isinstance(header, dict) else []
+    offsets = [entry.get("data_offsets") for entry in entries if isinstance(entry, dict)]
+    end = 8 + length + max((pair[1] for pair in offsets if isinstance(pair, list) and len(pair) == 2), default=0)
+    if not isinstance(end, int) or end > size:
+        raise CheckpointError(
+            f"'{path}' is truncated: it holds {size} bytes, and its header places tensors up to byte {end}. {fix}"
+        )
 
 
 def convert_official_state_dict(state_dict: Mapping) -> dict[str, torch.Tensor]:
@@ -212,6 +245,11 @@ def _torch_load(path: Path) -> object:
         raise CheckpointError(
             f"Cannot read '{path}' as a PyTorch checkpoint ({reason.group(1) if reason else e}): "
             "is it a file written by torch.save, and complete?"
+        ) from e
+    except (RuntimeError, EOFError) as e:  # torch's zip reader: a file cut short or damaged
+        raise CheckpointError(
+            f"Cannot read '{path}' as a PyTorch checkpoint: it is truncated or damaged ({str(e).split('. ')[0]}). "
+            "Download or copy it again, or use another checkpoint."
         ) from e
     except Exception as e:
         raise CheckpointError(f"Cannot read '{path}' as a PyTorch checkpoint: {e}") from e

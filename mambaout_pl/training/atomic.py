@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+from safetensors import SafetensorError
 
 from mambaout_pl.errors import OutputExistsError, OutputWriteError
 
@@ -115,13 +117,39 @@ def staged_folder(target: Path, replace: bool = False) -> Iterator[Path]:
 
 @contextmanager
 def naming_target(target: Path) -> Iterator[None]:
-    """Turn an ``OSError`` raised inside the block into :class:`OutputWriteError` naming ``target`` and the fix."""
+    """Turn a failure to write inside the block (an ``OSError``, or a library's error caused by one, see
+    :func:`write_failure`) into :class:`OutputWriteError` naming ``target``, the cause and the fix."""
     try:
         yield
     except (OutputWriteError, OutputExistsError):
         raise
-    except OSError as error:
-        raise write_error(target, error) from error
+    except Exception as error:
+        cause = write_failure(error)
+        if cause is None:
+            raise
+        raise write_error(target, cause) from error
+
+
+def write_failure(error: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``error``: itself; for torch's ``RuntimeError`` (``torch.save`` reports a failed
+    write as "unexpected pos ...") the ``OSError`` it was raised from; for safetensors' errors the operating
+    system's error they quote ("(os error 28)"). None for any other error."""
+    if isinstance(error, OSError):
+        return error
+    if isinstance(error, RuntimeError):
+        seen: set[int] = set()
+        inner = error.__cause__ or error.__context__
+        while inner is not None and id(inner) not in seen:
+            if isinstance(inner, OSError):
+                return inner
+            seen.add(id(inner))
+            inner = inner.__cause__ or inner.__context__
+    if isinstance(error, (RuntimeError, SafetensorError)):
+        quoted = re.search(r"\(os error (\d+)\)", str(error))
+        if quoted:
+            number = int(quoted.group(1))
+            return OSError(number, os.strerror(number))
+    return None
 
 
 def write_error(target: Path, error: OSError) -> OutputWriteError:

@@ -63,7 +63,7 @@ def read_checkpoint(
         ) from error
     except (RuntimeError, EOFError, OSError) as error:
         raise CheckpointError(
-            f"Cannot read checkpoint '{path}' (truncated, or not written by torch.save): {error}. "
+            f"Cannot read checkpoint '{path}' (truncated, or not written by torch.save): {str(error).split('. ')[0]}. "
             "Use another checkpoint, e.g. the previous epoch's."
         ) from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:

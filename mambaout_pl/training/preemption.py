@@ -124,7 +124,11 @@ class PreemptionCheckpoint(Checkpoint):
         raise SIGTERMException(128 + int(received))
 
     def save(self, trainer: Trainer) -> str:
-        """Save the whole training state as the ``last`` checkpoint; returns its path."""
+        """Save the whole training state as the ``last`` checkpoint; returns its path.
+
+        ``weights_only=False`` (Lightning's default, said out loud): the optimizer, schedulers, loops and
+        callbacks are saved too, and Lightning does not log that it defaulted to it.
+        """
         path = self.last_checkpoint_path(trainer)
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, LightningModelCheckpoint) and callback.save_last and callback.dirpath is not None:
@@ -136,12 +140,12 @@ class PreemptionCheckpoint(Checkpoint):
             folder = target.with_name(
                 f"{target.stem}-epoch{trainer.current_epoch:03d}-step{trainer.global_step}{target.suffix}"
             )
-            trainer.save_checkpoint(folder)
+            trainer.save_checkpoint(folder, weights_only=False)
             if trainer.is_global_zero:
                 atomic_symlink(folder, target)
             trainer.strategy.barrier()
         else:
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)
         return path
 
     @staticmethod

@@ -111,14 +111,16 @@ def check_new_output(path: Path, key: str = "model.predict_dir") -> None:
         )
 
 
-def reserve_log_versions(trainer: Trainer) -> None:
-    """Give each TensorBoard or CSV logger without a fixed ``version`` the next ``version_N`` folder, created here.
+def reserve_log_versions(trainer: Trainer) -> list[Path]:
+    """Give each TensorBoard or CSV logger without a fixed ``version`` the next ``version_N`` folder, created here;
+    returns the folders created.
 
     ``mkdir`` either creates the folder or fails because another process has; the next number is
     then tried. Other ranks of the same run follow rank zero (Lightning broadcasts its folder).
     """
+    created: list[Path] = []
     if rank_zero_only.rank != 0:
-        return
+        return created
     for logger in trainer.loggers:
         if not isinstance(logger, (TensorBoardLogger, CSVLogger)) or logger._version is not None:
             continue
@@ -133,6 +135,8 @@ def reserve_log_versions(trainer: Trainer) -> None:
                 except FileExistsError:
                     version += 1
         logger._version = version  # where Lightning's loggers keep the version they write to
+        created.append(versions_root / f"version_{version}")
+    return created
 
 
 def _logger_paths(logger: TensorBoardLogger | CSVLogger) -> Iterator[tuple[str, Any, Path]]:

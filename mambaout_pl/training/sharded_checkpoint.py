@@ -12,7 +12,10 @@ resumed ``fit`` under any strategy read.
 
 The ``.metadata`` index (and any non-tensor value such as the optimizer's settings) is a pickle,
 which ``torch.distributed.checkpoint`` unpickles: consolidate only folders you trust, such as
-your own runs'. ``meta.pt`` is read with ``weights_only=True``.
+your own runs'. ``meta.pt`` is read with ``weights_only=True``. Before anything is assembled, every
+shard the index lists is checked to exist and to hold the bytes the index places in it
+(:func:`check_shard_files`): a folder copied in part, or cut short by a full disk, is refused
+naming the file.
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ from typing import Any
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from mambaout_pl.errors import CheckpointError, UnsafeCheckpointError
-from mambaout_pl.training.atomic import atomic_torch_save
+from mambaout_pl.training.atomic import atomic_torch_save, naming_target
 
 __all__ = [
+    "INDEX_FILE",
     "METADATA_FILE",
+    "check_shard_files",
     "consolidate_checkpoint",
     "consolidate_main",
     "is_sharded_checkpoint",
@@ -45,6 +51,8 @@ __all__ = [
 
 #: The file of a checkpoint folder that holds everything but the weights and optimizer states (Lightning's name).
 METADATA_FILE = "meta.pt"
+#: The index of a checkpoint folder: where each tensor's bytes lie in which shard (``torch.distributed.checkpoint``'s name).
+INDEX_FILE = ".metadata"
 
 
 def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
@@ -75,7 +83,10 @@ def read_sharded_checkpoint_metadata(folder: str | os.PathLike) -> dict[str, Any
             f"Refusing to load '{path}': it holds Python objects other than tensors and plain containers ({error})."
         ) from error
     except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"Cannot read '{path}' (truncated, or not written by torch.save): {error}.") from error
+        raise CheckpointError(
+            f"Cannot read '{path}' (truncated, or not written by torch.save): {str(error).split('. ')[0]}. Use another "
+            "checkpoint, e.g. the previous epoch's."
+        ) from error
     if not isinstance(metadata, dict):
         raise CheckpointError(f"'{path}' holds a {type(metadata).__name__}, not a checkpoint's entries.")
     return metadata
@@ -110,9 +121,14 @@ def consolidate_checkpoint(folder: str | os.PathLike, output: str | os.PathLike)
     if not output.parent.is_dir():
         raise CheckpointError(f"The folder of '{output}' does not exist; create it or give another path.")
     checkpoint = read_sharded_checkpoint_metadata(folder)
+    check_shard_files(folder)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as staging:
         staged = Path(staging) / "state.pt"
-        dcp_to_torch_save(folder, staged)
+        with naming_target(output), staged.open("wb") as file:  # a file object: a failed write names its cause
+            try:
+                dcp_to_torch_save(folder, file)
+            except CheckpointException as error:
+                raise CheckpointError(f"Cannot read the shards of '{folder}': {shard_failure(error)}.") from error
         state = torch.load(staged, map_location="cpu", weights_only=True)
     if "state_dict" not in state:
         raise CheckpointError(f"'{folder}' holds no weights ('state_dict'); it holds {sorted(state)[:8]}.")
@@ -123,6 +139,53 @@ def consolidate_checkpoint(folder: str | os.PathLike, output: str | os.PathLike)
     checkpoint["optimizer_states"] = [optimizer_state_by_position(state[key]) for key in optimizer_keys]
     atomic_torch_save(checkpoint, output)
     return output
+
+
+def check_shard_files(folder: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` naming the file when the folder's index (``.metadata``) cannot be read, or
+    a shard it lists is missing or shorter than the bytes the index places in it (a partial copy, a full disk).
+
+    The index is a pickle (see the module docstring): only for folders you trust.
+    """
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        raise CheckpointError(
+            f"Checkpoint folder '{folder}' has no index '{INDEX_FILE}' (written last, with the shards): it was not "
+            "saved to the end or not copied whole. Use another checkpoint, or copy the whole folder again."
+        )
+    try:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, OSError) as error:
+        raise CheckpointError(
+            f"Cannot read the index '{index}' of checkpoint folder '{folder}': it is truncated or damaged ({error}). "
+            "Use another checkpoint, or copy the whole folder again."
+        ) from error
+    ends: dict[str, int] = {}
+    for item in (getattr(metadata, "storage_data", None) or {}).values():
+        ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+    for name, end in sorted(ends.items()):
+        shard = folder / name
+        if not shard.is_file():
+            raise CheckpointError(
+                f"Shard '{shard}' of checkpoint folder '{folder}' is missing (its index '{INDEX_FILE}' lists it): "
+                "the folder was not copied whole. Copy it again, or use another checkpoint."
+            )
+        size = shard.stat().st_size
+        if size < end:
+            raise CheckpointError(
+                f"Shard '{shard}' of checkpoint folder '{folder}' is truncated: it holds {size} bytes, and its index "
+                f"places data up to byte {end}. Copy the folder again, or use another checkpoint (e.g. the previous "
+                "epoch's)."
+            )
+
+
+def shard_failure(error: CheckpointException) -> str:
+    """The first error behind a ``CheckpointException`` (one per rank that failed), as one line."""
+    for failure in getattr(error, "failures", {}).values():
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        return f"{type(cause).__name__}: {str(cause).split('. ')[0]}"
+    return str(error).splitlines()[0]
 
 
 def consolidate_main(argv: list[str] | None = None) -> int:
@@ -137,7 +200,7 @@ def consolidate_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         consolidate_checkpoint(args.folder, args.output)
-    except CheckpointError as error:
+    except (CheckpointError, OSError) as error:  # OSError: OutputWriteError (a full disk, a read-only folder)
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"Wrote {args.output}.")
