@@ -49,3 +49,8 @@ class OutputWriteError(OSError):
 
 class ExportError(ValueError):
     """A checkpoint cannot be exported or published as asked."""
+
+
+def first_sentence(error: BaseException) -> str:
+    """The first sentence of ``error``'s message, for one-line messages (torch's reader errors run on)."""
+    return str(error).split(". ")[0]

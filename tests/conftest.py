@@ -62,6 +62,24 @@ def write_image_folder(root: Path, train_per_class: int = 8, val_per_class: int 
     return root
 
 
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small image folder per test module (3 classes: 2 train and 1 validation image each)."""
+    return write_image_folder(tmp_path_factory.mktemp("images"), train_per_class=2, val_per_class=1)
+
+
+@pytest.fixture(scope="module")
+def run(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The version folder of a one-step classification run on ``images`` (its config.yaml and checkpoints)."""
+    from helpers import tiny_fit_args
+
+    from mambaout_pl.cli import run_cli
+
+    root = tmp_path_factory.mktemp("fit")
+    run_cli(tiny_fit_args(root, images))
+    return root / "lightning_logs" / "version_0"
+
+
 @pytest.fixture
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh image folder (3 classes: 8 train and 4 validation images each, 48x40 RGB PNGs)."""

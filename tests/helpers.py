@@ -58,11 +58,9 @@ def small_segmentation_args(root: Path, ade20k_folder: Path) -> list[str]:
 TINY_BACKBONE = '{"depths": [1, 1, 1, 1], "dims": [8, 8, 16, 16]}'
 
 
-def tiny_fit_args(root: Path, images: Path, *extra: str) -> list[str]:
-    """`fit` of the classification quick start on an image folder: one 32x32 step of a one-block-per-stage femto."""
+def tiny_run_args(root: Path, images: Path, *extra: str) -> list[str]:
+    """Settings over the classification quick start: one 32x32 step of a one-block-per-stage femto on ``images``."""
     return [
-        "fit",
-        f"--config={Path(__file__).parents[1] / 'recipes' / 'quickstart.yaml'}",
         *cpu_trainer_args(root),
         "--trainer.max_epochs=1",
         "--trainer.limit_train_batches=1",
@@ -74,4 +72,13 @@ def tiny_fit_args(root: Path, images: Path, *extra: str) -> list[str]:
         "--data.num_workers=0",
         f"--model.backbone_args={TINY_BACKBONE}",
         *extra,
+    ]
+
+
+def tiny_fit_args(root: Path, images: Path, *extra: str) -> list[str]:
+    """`fit` of the classification quick start with :func:`tiny_run_args`."""
+    return [
+        "fit",
+        f"--config={Path(__file__).parents[1] / 'recipes' / 'quickstart.yaml'}",
+        *tiny_run_args(root, images, *extra),
     ]

@@ -25,7 +25,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import write_image_folder
 from helpers import TINY_BACKBONE, tiny_fit_args
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -472,19 +471,6 @@ def test_the_valid_objects_column_of_the_catalogue_trains(tmp_path: Path) -> Non
 
 # ---------------------------------------------------------------------------------------------
 # messages users meet: `error: <message>` as the last line of stderr, exit status 2, no traceback
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_image_folder(tmp_path_factory.mktemp("images"), train_per_class=2, val_per_class=1)
-
-
-@pytest.fixture(scope="module")
-def run(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The version folder of a one-step classification run (its config.yaml and checkpoints)."""
-    root = tmp_path_factory.mktemp("fit")
-    run_cli(tiny_fit_args(root, images))
-    return root / "lightning_logs" / "version_0"
 
 
 def recipe(folder: Path, edit: Callable[[dict], None]) -> Path:

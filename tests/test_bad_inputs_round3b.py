@@ -32,7 +32,6 @@ import safetensors.torch
 import torch
 import torch.distributed.checkpoint as dcp
 import yaml
-from conftest import write_image_folder
 from data_helpers import make_segmentation_module
 from helpers import tiny_fit_args
 from hypothesis import HealthCheck, given, settings
@@ -67,19 +66,6 @@ def snapshot(folder: Path) -> dict[str, bytes | str]:
 
 def last_error_line(capsys) -> str:
     return capsys.readouterr().err.strip().splitlines()[-1]
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_image_folder(tmp_path_factory.mktemp("images"), train_per_class=2, val_per_class=1)
-
-
-@pytest.fixture(scope="module")
-def run(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The version folder of a one-step classification run (its config.yaml and checkpoints)."""
-    root = tmp_path_factory.mktemp("fit")
-    run_cli(tiny_fit_args(root, images))
-    return root / "lightning_logs" / "version_0"
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import cpu_trainer_args
+from helpers import tiny_run_args
 from markdown_blocks import code_blocks, shell_commands
 
 from mambaout_pl.training.resume import CHECKPOINT_KEY
@@ -40,23 +40,6 @@ def readme_command(option: str) -> list[str]:
     return command[1:]
 
 
-def tiny_run(root: Path, images: Path) -> list[str]:
-    """The quick start cut to one 32x32 step of a one-block-per-stage femto on a generated image folder."""
-    return [
-        *cpu_trainer_args(root),
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=1",
-        "--trainer.limit_val_batches=1",
-        "--trainer.enable_model_summary=false",
-        "--data.path=imagefolder",
-        f"--data.data_dir={images}",
-        "--data.image_size=32",
-        "--data.batch_size=2",
-        "--data.num_workers=0",
-        '--model.backbone_args={"depths": [1, 1, 1, 1], "dims": [8, 8, 16, 16]}',
-    ]
-
-
 def run_mambaout(arguments: list[str], folder: Path) -> subprocess.CompletedProcess[str]:
     """The console script in ``folder``, with nothing of ``folder`` on ``PYTHONPATH``."""
     environment = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONSAFEPATH")}
@@ -76,7 +59,9 @@ def test_console_script_fits_a_task_of_the_working_folder_and_refuses_it_from_a_
     fit_command = readme_command("my_module.FocalLossTask")
     assert fit_command[:3] == ["fit", "--config", "recipes/quickstart.yaml"]
 
-    fit = run_mambaout([*fit_command, *tiny_run(tmp_path / "runs", image_folder)], folder)
+    fit = run_mambaout(
+        [*fit_command, *tiny_run_args(tmp_path / "runs", image_folder, "--trainer.enable_model_summary=false")], folder
+    )
 
     assert fit.returncode == 0, fit.stderr[-3000:]
     (run,) = (tmp_path / "runs" / "lightning_logs").iterdir()
@@ -90,7 +75,7 @@ def test_console_script_fits_a_task_of_the_working_folder_and_refuses_it_from_a_
     # The recipe names ClassificationTask; the checkpoint's task class is data, and its module is not imported.
     validate = run_mambaout(
         ["validate", "--config", "recipes/quickstart.yaml", f"--ckpt_path={checkpoint_path}"]
-        + tiny_run(tmp_path / "validate", image_folder),
+        + tiny_run_args(tmp_path / "validate", image_folder, "--trainer.enable_model_summary=false"),
         folder,
     )
 

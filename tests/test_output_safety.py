@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_image_folder
 from helpers import tiny_fit_args as fit_args
 
 from mambaout_pl.cli import main, run_cli
@@ -28,11 +27,6 @@ from mambaout_pl.training import AtomicCheckpointIO, atomic_torch_save
 
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_image_folder(tmp_path_factory.mktemp("images"), train_per_class=2, val_per_class=1)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_image_folder
 from helpers import cpu_trainer_args
 from helpers import tiny_fit_args as fit_args
 
@@ -155,11 +154,6 @@ def test_timm_format_folder_builds_only_timm_models(marker: Path, tmp_path: Path
 
 # ---------------------------------------------------------------------------------------------
 # task checkpoints: export, validate / test, resume
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_image_folder(tmp_path_factory.mktemp("images"), train_per_class=2, val_per_class=1)
 
 
 def eval_args(command: str, root: Path, images: Path, checkpoint: Path, *extra: str) -> list[str]:

@@ -303,8 +303,10 @@ class SegmentationSampleMaker:
             labels = np.where(raw == 0, self.ignore_index, raw - 1)
             labels[raw == self.ignore_index] = self.ignore_index
         invalid = (labels >= self.num_classes) & (labels != self.ignore_index) | (labels < 0)
-        ignored = (self.ignore_index, 0) if self.reduce_zero_label else (self.ignore_index,)
-        fringe = edge_only_values(raw, ignored)
+        fringe: dict[int, int] = {}
+        if invalid.any() or not self._damage_reported:  # after the split's one warning, only a refusal needs it
+            ignored = (self.ignore_index, 0) if self.reduce_zero_label else (self.ignore_index,)
+            fringe = edge_only_values(raw, ignored)
         damaged = len(fringe) >= DAMAGE_THRESHOLD
         if damaged and invalid.any() and set(np.unique(raw[invalid]).tolist()) <= set(fringe):
             raise InvalidLabelError(

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mambaout_pl.errors import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError
+from mambaout_pl.errors import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError, first_sentence
 
 __all__ = [
     "CheckpointError",
@@ -248,7 +248,7 @@ def _torch_load(path: Path) -> object:
         ) from e
     except (RuntimeError, EOFError) as e:  # torch's zip reader: a file cut short or damaged
         raise CheckpointError(
-            f"Cannot read '{path}' as a PyTorch checkpoint: it is truncated or damaged ({str(e).split('. ')[0]}). "
+            f"Cannot read '{path}' as a PyTorch checkpoint: it is truncated or damaged ({first_sentence(e)}). "
             "Download or copy it again, or use another checkpoint."
         ) from e
     except Exception as e:

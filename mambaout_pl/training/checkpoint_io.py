@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpo
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer import Trainer
 
-from mambaout_pl.errors import CheckpointError, UnsafeCheckpointError
+from mambaout_pl.errors import CheckpointError, UnsafeCheckpointError, first_sentence
 from mambaout_pl.training.atomic import atomic_symlink, atomic_torch_save, atomic_write
 from mambaout_pl.training.sharded_checkpoint import is_sharded_checkpoint
 
@@ -63,7 +63,7 @@ def read_checkpoint(
         ) from error
     except (RuntimeError, EOFError, OSError) as error:
         raise CheckpointError(
-            f"Cannot read checkpoint '{path}' (truncated, or not written by torch.save): {str(error).split('. ')[0]}. "
+            f"Cannot read checkpoint '{path}' (truncated, or not written by torch.save): {first_sentence(error)}. "
             "Use another checkpoint, e.g. the previous epoch's."
         ) from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:

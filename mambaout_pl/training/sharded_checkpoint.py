@@ -34,7 +34,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, St
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from mambaout_pl.errors import CheckpointError, UnsafeCheckpointError
+from mambaout_pl.errors import CheckpointError, UnsafeCheckpointError, first_sentence
 from mambaout_pl.training.atomic import atomic_torch_save, naming_target
 
 __all__ = [
@@ -84,7 +84,7 @@ def read_sharded_checkpoint_metadata(folder: str | os.PathLike) -> dict[str, Any
         ) from error
     except (RuntimeError, EOFError, OSError) as error:
         raise CheckpointError(
-            f"Cannot read '{path}' (truncated, or not written by torch.save): {str(error).split('. ')[0]}. Use another "
+            f"Cannot read '{path}' (truncated, or not written by torch.save): {first_sentence(error)}. Use another "
             "checkpoint, e.g. the previous epoch's."
         ) from error
     if not isinstance(metadata, dict):
@@ -184,7 +184,7 @@ def shard_failure(error: CheckpointException) -> str:
     """The first error behind a ``CheckpointException`` (one per rank that failed), as one line."""
     for failure in getattr(error, "failures", {}).values():
         cause = failure[0] if isinstance(failure, tuple) else failure
-        return f"{type(cause).__name__}: {str(cause).split('. ')[0]}"
+        return f"{type(cause).__name__}: {first_sentence(cause)}"
     return str(error).splitlines()[0]
 
 

@@ -14,12 +14,13 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from mambaout_pl.training.metrics_file import METRICS_FILE
+
 __all__ = ["is_unused_run_folder", "remove_unused_run_folders"]
 
 #: Files a command writes into its run folder when it starts, before it has computed anything.
 STARTING_FILES = ("hparams.yaml", "config.yaml")
 EVENTS_FILE_PREFIX = "events.out.tfevents."
-METRICS_FILE = "metrics.csv"
 
 
 def is_unused_run_folder(folder: Path) -> bool:
