@@ -79,6 +79,8 @@ def commands(args: argparse.Namespace) -> list[list[str]]:
         command += ["--sizes", *map(str, setting["sizes"][scene]), "--seeds", str(args.seeds)]
         command += ["--out", str(args.out / ("gpu" if args.gpu else "cpu") / scene)]
         command += ["--jobs", str(args.jobs or setting["jobs"])]
+        command += ["--threads", str(args.threads)] if args.threads else []
+        command += ["--metric", args.metric] if args.metric else []
         command += ["--dry-run"] if args.dry_run else []
         listed.append([*command, "--", *COMMON, *setting["overrides"][scene]])
     return listed
@@ -93,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=None, help="runs at once (CPU 2, GPU 8)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
+    parser.add_argument(
+        "--metric", default="val/loss", help="a second metric reported beside the task's (default val/loss)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "hypothesis2")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their status")
     parser.add_argument("--print-commands", action="store_true", help="print the equivalent commands, run nothing")

@@ -22,6 +22,7 @@ from mambaout_pl.compare import (
     collect_runs,
     compare_main,
     paired_difference,
+    parse_metric,
     plan_grid,
     run_local,
     run_status,
@@ -276,7 +277,7 @@ def test_grid_runs_resumes_skips_names_failures_and_writes_only_under_its_folder
     assert "arm broken, size 32, seed 0: failed in fit: SettingsError: Attention over 8 channels" in report
 
 
-def write_prepared_run(out, arm, size, seed, value=None, costs=None, failed=False, started=False):
+def write_prepared_run(out, arm, size, seed, value=None, costs=None, failed=False, started=False, logged=None):
     folder = out / "runs" / arm / f"size{size}" / f"seed{seed}"
     folder.mkdir(parents=True)
     info = {"arm": arm, "size": size, "seed": seed, "monitor": "val/mIoU", "mode": "max", "kind": "segmentation"}
@@ -284,7 +285,8 @@ def write_prepared_run(out, arm, size, seed, value=None, costs=None, failed=Fals
     if costs is not None:
         (folder / "costs.json").write_text(json.dumps(costs))
     if value is not None:
-        (folder / "metrics.json").write_text(json.dumps({"monitor": "val/mIoU", "value": value}))
+        metrics = {"monitor": "val/mIoU", "value": value, "metrics": {"val/mIoU": value, **(logged or {})}}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
     if failed:
         (folder / "failed.json").write_text(json.dumps({"stage": "fit", "error": "MemoryError: out", "log": "log.txt"}))
     if started:
@@ -354,6 +356,39 @@ def test_the_report_is_read_from_prepared_run_folders(tmp_path):
     differences = [[text for text, _ in row] for row in page.tables["differences"]]
     assert differences[1:] == [["96", "a", "0,1,2", "0.1000 ± 0.1000", f"[{0.1 - half:.4f}, {0.1 + half:.4f}]", "no"]]
     assert page.images == ["metric_vs_l6d.png", "metric_vs_gmacs.png"]
+
+
+@pytest.mark.parametrize(
+    "text, parsed",
+    [("val/loss", ("val/loss", "min")), ("val/aAcc", ("val/aAcc", "max")), ("val/loss:max", ("val/loss", "max"))],
+)
+def test_metric_names_take_an_optional_mode(text, parsed):
+    assert parse_metric(text) == parsed
+
+
+def test_another_logged_metric_is_reported_beside_the_monitors_report(tmp_path):
+    out = tmp_path / "grid"
+    cost = {"params": 10, "gmacs": 0.5, "backbone_gmacs": 0.25, "l_over_6d": 2.0, "input_size": [96, 96]}
+    for seed, (a, b) in enumerate([(0.30, 0.45), (0.20, 0.35), (0.25, 0.40)]):
+        write_prepared_run(out, "a", 96, seed, 0.08, cost, logged={"val/loss": a})
+        write_prepared_run(out, "b", 96, seed, 0.08, cost, logged={"val/loss": b})
+    write_report(out, arms=["a", "b"])
+    monitors_report = (out / "report.md").read_text()
+    paths = write_report(out, arms=["a", "b"], metric=parse_metric("val/loss"))
+    names = ["results.val_loss.csv", "report.val_loss.md", "report.val_loss.html"]
+    assert [path.name for path in paths] == names + ["metric_vs_l6d.val_loss.png", "metric_vs_gmacs.val_loss.png"]
+    assert (out / "report.md").read_text() == monitors_report  # the monitor's report is kept
+    report = (out / "report.val_loss.md").read_text()
+    assert "Metric: `val/loss` of the final weights" in report and "lower is better" in report
+    assert "| a | 96 | 96x96 | 2.00 | 3/3 | 0.2500 ± 0.0500 |" in report
+    # b - a: 0.15 on every seed
+    assert "| 96 | b | 0,1,2 | 0.1500 ± 0.0000 | [0.1500, 0.1500] | **yes** |" in report
+    assert "![val/loss against L/6D](metric_vs_l6d.val_loss.png)" in report
+    with open(out / "results.val_loss.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["metric"], float(row["value"])) for row in rows[:2]] == [("val/loss", 0.3), ("val/loss", 0.2)]
+    with pytest.raises(CompareError, match=r"--metric val/aAcc: .*seed0/metrics.json has no such metric; .*val/loss"):
+        write_report(out, metric=parse_metric("val/aAcc"))
 
 
 # Costs and --match-macs

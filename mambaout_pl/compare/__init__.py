@@ -12,7 +12,7 @@
 from mambaout_pl.compare.command import compare_main
 from mambaout_pl.compare.errors import ArmError, CompareError, GridMismatchError, SizeError
 from mambaout_pl.compare.grid import Arm, Grid, Run, plan_grid, run_status, write_grid
-from mambaout_pl.compare.report import collect_runs, write_report
+from mambaout_pl.compare.report import collect_runs, parse_metric, write_report
 from mambaout_pl.compare.runner import execute_run, run_attempt, run_local, submit_slurm
 from mambaout_pl.compare.statistics import paired_difference, summarize
 
@@ -28,6 +28,7 @@ __all__ = [
     "compare_main",
     "execute_run",
     "paired_difference",
+    "parse_metric",
     "plan_grid",
     "run_attempt",
     "run_local",

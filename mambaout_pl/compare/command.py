@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reference", metavar="ARM", default=None, help="the arm differences are taken from (default: the first)"
     )
+    parser.add_argument(
+        "--metric",
+        metavar="NAME[:min|max]",
+        default=None,
+        help="report another metric the runs' validate logged (e.g. val/loss), into report.<metric>.md and its "
+        "companions; names holding 'loss' are lower-is-better unless :max is given (default: the task's monitor)",
+    )
     parser.add_argument("--report", action="store_true", help="only write the report of what --out holds")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their status; run and write nothing")
     return parser
@@ -110,13 +117,14 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     from mambaout_pl.compare.grid import DONE, FAILED, INTERRUPTED, Arm, plan_grid, run_status, write_grid
-    from mambaout_pl.compare.report import write_report
+    from mambaout_pl.compare.report import parse_metric, write_report
     from mambaout_pl.compare.runner import run_local, submit_slurm
 
+    metric = None if args.metric is None else parse_metric(args.metric)
     if args.report:
         if not (args.out / "grid.json").is_file():
             raise CompareError(f"--report: '{args.out}' holds no grid.json; give the --out of a grid.")
-        return _print_report(write_report(args.out, reference=args.reference))
+        return _print_report(write_report(args.out, reference=args.reference, metric=metric))
     if args.config is None:
         raise CompareError("--config: give the recipe every arm starts from (or --report to report a grid).")
     if args.launcher == "local" and args.jobs < 1:
@@ -154,6 +162,8 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         run_local(folders, args.jobs, args.threads, report=lambda line: print(line, flush=True))
     final = [run_status(folder) for folder in folders]
     code = _print_report(write_report(grid.out, [arm.name for arm in grid.arms], reference))
+    if metric is not None:
+        code = max(code, _print_report(write_report(grid.out, [arm.name for arm in grid.arms], reference, metric)))
     if FAILED in final:
         print(f"{final.count(FAILED)} run(s) failed (see above and report.md); the same command retries them.")
         return EXIT_FAILED_RUNS

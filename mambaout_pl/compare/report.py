@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mambaout_pl.compare.errors import CompareError
 from mambaout_pl.compare.grid import (
     COSTS_FILE,
     DONE,
@@ -43,7 +44,7 @@ from mambaout_pl.report.report import write_report as write_run_report
 from mambaout_pl.training.atomic import atomic_write
 from mambaout_pl.training.metrics_file import METRICS_FILE as RUN_METRICS_FILE
 
-__all__ = ["RunRecord", "collect_runs", "results_table", "write_report", "CSV_COLUMNS"]
+__all__ = ["RunRecord", "collect_runs", "parse_metric", "results_table", "write_report", "CSV_COLUMNS"]
 
 CSV_COLUMNS = (
     "arm",
@@ -84,8 +85,29 @@ class RunRecord:
     failure: dict[str, Any] | None = None
 
 
-def collect_runs(out: Path) -> list[RunRecord]:
-    """Every run folder under ``out/runs`` that has its ``run.json``, as records, in folder order."""
+def parse_metric(text: str) -> tuple[str, str]:
+    """``NAME[:min|max]`` as (name, mode); without a mode, names holding ``loss`` are lower-is-better."""
+    name, colon, mode = text.rpartition(":") if text.endswith((":min", ":max")) else (text, "", "")
+    if not name:
+        raise CompareError(f"--metric '{text}': give a logged metric's name, e.g. val/loss or val/loss:min.")
+    return name, mode or ("min" if "loss" in name else "max")
+
+
+def _metric_value(folder: Path, metric: str) -> float:
+    logged = json.loads((folder / METRICS_FILE).read_text()).get("metrics", {})
+    if metric not in logged:
+        raise CompareError(
+            f"--metric {metric}: {folder / METRICS_FILE} has no such metric; its validate logged "
+            f"{', '.join(sorted(logged)) or 'nothing'}."
+        )
+    return float(logged[metric])
+
+
+def collect_runs(out: Path, metric: tuple[str, str] | None = None) -> list[RunRecord]:
+    """Every run folder under ``out/runs`` that has its ``run.json``, as records, in folder order.
+
+    ``metric`` (name, mode) reports another metric the runs' ``validate`` logged instead of the grid's monitor.
+    """
     records = []
     for path in sorted(Path(out).glob("runs/*/size*/seed*/" + RUN_FILE)):
         folder = path.parent
@@ -102,7 +124,11 @@ def collect_runs(out: Path) -> list[RunRecord]:
         )
         if (folder / COSTS_FILE).is_file():
             record.costs = json.loads((folder / COSTS_FILE).read_text())
-        if record.status == DONE:
+        if metric is not None:
+            record.monitor, record.mode = metric
+        if record.status == DONE and metric is not None:
+            record.value = _metric_value(folder, metric[0])
+        elif record.status == DONE:
             record.value = float(json.loads((folder / METRICS_FILE).read_text())["value"])
         elif record.status == FAILED:
             record.failure = json.loads((folder / FAILED_FILE).read_text())
@@ -251,11 +277,15 @@ class ReportContent:
     reference: str | None
     differences: list[list[str]]
     unfinished: list[str]
-    plots: bool
+    plots: tuple[str, ...]
 
 
 def report_content(
-    records: Sequence[RunRecord], out: Path, arms: Sequence[str], reference: str | None
+    records: Sequence[RunRecord],
+    out: Path,
+    arms: Sequence[str],
+    reference: str | None,
+    plots: tuple[str, str] = ("metric_vs_l6d.png", "metric_vs_gmacs.png"),
 ) -> ReportContent:
     grid = json.loads((out / GRID_FILE).read_text()) if (out / GRID_FILE).is_file() else {}
     monitor = records[0].monitor if records else grid.get("monitor", "metric")
@@ -289,7 +319,7 @@ def report_content(
         reference=reference if differences else None,
         differences=differences,
         unfinished=unfinished,
-        plots=any(r.status == DONE for r in records),
+        plots=plots if any(r.status == DONE for r in records) else (),
     )
 
 
@@ -303,7 +333,7 @@ DIFFERENCE_NOTE = (
     "Per size, each arm's {monitor} minus {reference}'s on the seeds both finished: mean ± std of the differences "
     "and their {confidence} t-interval. Significant only when the interval excludes 0."
 )
-PLOTS = (("metric_vs_l6d.png", "against L/6D"), ("metric_vs_gmacs.png", "against GMACs"))
+PLOT_AXES = ("against L/6D", "against GMACs")
 
 
 def report_text(content: ReportContent) -> str:
@@ -322,7 +352,7 @@ def report_text(content: ReportContent) -> str:
         lines += ["", "## Runs not done", "", *(f"- {line}" for line in content.unfinished)]
     if content.plots:
         lines += ["", "## Plots"]
-        for name, what in PLOTS:
+        for name, what in zip(content.plots, PLOT_AXES):
             lines += ["", f"![{content.monitor} {what}]({name})"]
     return "\n".join(lines) + "\n"
 
@@ -340,7 +370,9 @@ def report_html(content: ReportContent, out: Path, run_pages: Sequence[Path]) ->
     if content.unfinished:
         sections.append(("Runs not done", "".join(paragraph_html(line) for line in content.unfinished)))
     if content.plots:
-        figures = [image_html(name, f"{content.monitor} {what}", width=640) for name, what in PLOTS]
+        figures = [
+            image_html(name, f"{content.monitor} {what}", width=640) for name, what in zip(content.plots, PLOT_AXES)
+        ]
         sections.append(("Plots", "\n".join(figures)))
     if run_pages:
         links = [link_html(str(page.relative_to(out)), str(page.parent.relative_to(out))) for page in run_pages]
@@ -398,27 +430,42 @@ def _plot(records: Sequence[RunRecord], arms: Sequence[str], x_key: str, x_label
     atomic_write(path, lambda file: file.write(buffer.getvalue()))
 
 
-def write_report(out: Path, arms: Sequence[str] = (), reference: str | None = None) -> list[Path]:
+def _suffixed(name: str, suffix: str) -> str:
+    stem, dot, extension = name.rpartition(".")
+    return f"{stem}{suffix}{dot}{extension}"
+
+
+def write_report(
+    out: Path, arms: Sequence[str] = (), reference: str | None = None, metric: tuple[str, str] | None = None
+) -> list[Path]:
     """Write ``results.csv``, ``report.md``, ``report.html`` (with each finished run's own ``report.html``) and
     (with any run done) the two plots into ``out``; returns the grid's files.
 
     ``arms`` orders the arms (default: ``grid.json``'s order); ``reference`` is the arm the others are
-    compared with (default: the first).
+    compared with (default: the first). ``metric`` (name, mode, see :func:`parse_metric`) reports another
+    metric than the grid's monitor, into files named after it (``report.val_loss.md``, ...), so the
+    monitor's report stays.
     """
     out = Path(out)
-    if not arms and (out / GRID_FILE).is_file():
-        arms = list(json.loads((out / GRID_FILE).read_text())["arms"])
-    records = collect_runs(out)
-    written = [out / "results.csv", out / "report.md", out / REPORT_FILE]
+    grid = json.loads((out / GRID_FILE).read_text()) if (out / GRID_FILE).is_file() else {}
+    if not arms and grid:
+        arms = list(grid["arms"])
+    if metric is not None and metric[0] == grid.get("monitor"):
+        metric = None if metric[1] == grid.get("mode") else metric
+    records = collect_runs(out, metric)
+    suffix = "" if metric is None else "." + metric[0].replace("/", "_")
+    names = ["results.csv", "report.md", REPORT_FILE, "metric_vs_l6d.png", "metric_vs_gmacs.png"]
+    csv_name, md_name, html_name, l6d_name, gmacs_name = (_suffixed(name, suffix) for name in names)
+    written = [out / csv_name, out / md_name, out / html_name]
     csv_text = results_table(records, out)
-    content = report_content(records, out, arms, reference)
+    content = report_content(records, out, arms, reference, plots=(l6d_name, gmacs_name))
     markdown = report_text(content)
     atomic_write(written[0], lambda file: file.write(csv_text.encode()))
     atomic_write(written[1], lambda file: file.write(markdown.encode()))
     if any(r.status == DONE for r in records):
         for name, key, label in (
-            ("metric_vs_l6d.png", "l_over_6d", "first stage L / 6D (attention's quadratic / linear FLOPs)"),
-            ("metric_vs_gmacs.png", "gmacs", "GMACs per image"),
+            (l6d_name, "l_over_6d", "first stage L / 6D (attention's quadratic / linear FLOPs)"),
+            (gmacs_name, "gmacs", "GMACs per image"),
         ):
             _plot(records, arms, key, label, out / name)
             written.append(out / name)
