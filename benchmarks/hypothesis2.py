@@ -43,6 +43,8 @@ ARMS = [
     RECIPES / "ablation" / f"{name}.yaml" for name in ("gated_conv", "ssm_cross", "attention_full", "gated_conv_k15")
 ]
 SCENES = {"segmentation": RECIPES / "quickstart_segmentation.yaml", "detection": RECIPES / "quickstart_detection.yaml"}
+# Reported beside the task's monitor: the loss moves while mIoU sits on its all-background plateau.
+SECOND_METRIC = {"segmentation": "val/loss", "detection": "val/bbox_mAP"}
 # Every run: warm-up cut to 10 steps, validated once on its final weights (by `validate`), no sanity check.
 COMMON = ["--model.warmup_steps=10", "--trainer.num_sanity_val_steps=0", "--trainer.check_val_every_n_epoch=1000"]
 SETTINGS = {
@@ -80,7 +82,7 @@ def commands(args: argparse.Namespace) -> list[list[str]]:
         command += ["--out", str(args.out / ("gpu" if args.gpu else "cpu") / scene)]
         command += ["--jobs", str(args.jobs or setting["jobs"])]
         command += ["--threads", str(args.threads)] if args.threads else []
-        command += ["--metric", args.metric] if args.metric else []
+        command += ["--metric", args.metric or SECOND_METRIC[scene]]
         command += ["--dry-run"] if args.dry_run else []
         listed.append([*command, "--", *COMMON, *setting["overrides"][scene]])
     return listed
@@ -97,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="runs at once (CPU 2, GPU 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
     parser.add_argument(
-        "--metric", default="val/loss", help="a second metric reported beside the task's (default val/loss)"
+        "--metric",
+        default=None,
+        help="a second metric reported beside the task's (default: segmentation val/loss, detection val/bbox_mAP)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "hypothesis2")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their status")
