@@ -18,7 +18,7 @@ import torch.distributed as dist
 from jsonargparse import Namespace
 from lightning.fabric.connector import _convert_precision_to_unified_args
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -45,6 +45,7 @@ from mambaout_pl.training.checkpoint_io import (
 )
 from mambaout_pl.training.metrics_file import MetricsFile
 from mambaout_pl.training.preemption import PreemptionCheckpoint
+from mambaout_pl.training.progress_bar import RunProgressBar
 from mambaout_pl.training.resume import CHECKPOINT_KEY, saved_model_settings
 from mambaout_pl.training.run_folders import check_output_paths, reserve_log_versions
 from mambaout_pl.training.run_summary import RunSummary
@@ -129,7 +130,7 @@ class MambaOutCLI(LightningCLI):
         parser.link_arguments("data.label_names", "model.init_args.label_names", apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The Trainer, with a rich progress bar unless the config turns progress bars off or brings its own.
+        """The Trainer, with a rich progress bar (without ``v_num``) unless the config turns progress bars off or brings its own.
 
         Every path it would write is checked to lie under ``trainer.default_root_dir``, and each
         TensorBoard or CSV logger gets a ``version_N`` folder of its own before anything is written
@@ -142,7 +143,7 @@ class MambaOutCLI(LightningCLI):
         callbacks = list(trainer_config.get("callbacks") or [])
         wants_bar = trainer_config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(callback, ProgressBar) for callback in callbacks):
-            callbacks.append(RichProgressBar())
+            callbacks.append(RunProgressBar())
         for record in (MetricsFile, RunSummary):  # metrics.csv in the run folder; the summary at the end of fit
             if not any(isinstance(callback, record) for callback in callbacks):
                 callbacks.append(record())
