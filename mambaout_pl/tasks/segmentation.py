@@ -187,7 +187,8 @@ class SegmentationTask(ValidationPictures, BaseTask):
         self.test_metrics = segmentation_metrics(num_classes, ignore_index, prefix="test/")
 
     def configure_callbacks(self) -> list[Callback]:
-        return [*super().configure_callbacks(), SegmentationMaskWriter(self.hparams.predict_dir)]
+        names = self.hparams.label_names or [str(index) for index in range(self.hparams.num_classes)]
+        return [*super().configure_callbacks(), SegmentationMaskWriter(self.hparams.predict_dir, label_names=names)]
 
     def example_input(self, data_hparams: Mapping[str, Any]) -> torch.Tensor | None:
         """One image of the data's training ``crop_size``."""
