@@ -18,7 +18,7 @@ import torch.distributed as dist
 from jsonargparse import Namespace
 from lightning.fabric.connector import _convert_precision_to_unified_args
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -45,6 +45,7 @@ from mambaout_pl.training.checkpoint_io import (
 )
 from mambaout_pl.training.metrics_file import MetricsFile
 from mambaout_pl.training.preemption import PreemptionCheckpoint
+from mambaout_pl.training.progress_bar import RunProgressBar
 from mambaout_pl.training.resume import CHECKPOINT_KEY, saved_model_settings
 from mambaout_pl.training.run_folders import check_output_paths, reserve_log_versions
 from mambaout_pl.training.run_summary import RunSummary
@@ -56,6 +57,19 @@ LIGHTNING_CHECKPOINT_NAMES = ("best", "last", "hpc", "registry")
 
 #: ``checkpoint.monitor`` / ``checkpoint.mode`` value that stands for the task's ``monitor`` / ``mode``.
 TASK_DEFAULT = "auto"
+
+#: What ``mambaout --help`` says first.
+DESCRIPTION = (
+    "MambaOut and visual Mamba baselines: train, score and predict classification, segmentation and detection."
+)
+
+#: One sentence each for Lightning's subcommands in ``mambaout --help`` (Lightning's docstrings are cut mid-sentence).
+SUBCOMMAND_HELP: dict[str, str] = {
+    "fit": "Train a task on a data module, keeping checkpoints and metrics in a run folder.",
+    "validate": "Score a checkpoint on the validation split once.",
+    "test": "Score a checkpoint on the test split once.",
+    "predict": "Write a checkpoint's predictions (classes, masks or detections) for a split or a folder of images.",
+}
 
 
 class MambaOutCLI(LightningCLI):
@@ -71,6 +85,23 @@ class MambaOutCLI(LightningCLI):
     the config brings its own checkpoint IO plugin. ``fit --ckpt_path last`` resumes from the
     newest ``last*.ckpt`` of any earlier run version under the same root folder.
     """
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        """Lightning's parser, with ``--version`` and one whole sentence per subcommand in its help."""
+        main_kwargs.setdefault("description", DESCRIPTION)
+        if Path(sys.argv[0]).name == "__main__.py":  # python -m mambaout_pl
+            main_kwargs.setdefault("prog", "python -m mambaout_pl")
+        for name, text in SUBCOMMAND_HELP.items():
+            subparser_kwargs.setdefault(name, {}).setdefault("description", text)
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        self.parser.add_argument(
+            "-V", "--version", action="version", version=version_text(), help="Print the versions and exit."
+        )
+        subcommands = self.parser._subcommands_action
+        for choice in subcommands._choices_actions if subcommands is not None else ():
+            choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -99,7 +130,7 @@ class MambaOutCLI(LightningCLI):
         parser.link_arguments("data.label_names", "model.init_args.label_names", apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The Trainer, with a rich progress bar unless the config turns progress bars off or brings its own.
+        """The Trainer, with a rich progress bar (without ``v_num``) unless the config turns progress bars off or brings its own.
 
         Every path it would write is checked to lie under ``trainer.default_root_dir``, and each
         TensorBoard or CSV logger gets a ``version_N`` folder of its own before anything is written
@@ -112,7 +143,7 @@ class MambaOutCLI(LightningCLI):
         callbacks = list(trainer_config.get("callbacks") or [])
         wants_bar = trainer_config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(callback, ProgressBar) for callback in callbacks):
-            callbacks.append(RichProgressBar())
+            callbacks.append(RunProgressBar())
         for record in (MetricsFile, RunSummary):  # metrics.csv in the run folder; the summary at the end of fit
             if not any(isinstance(callback, record) for callback in callbacks):
                 callbacks.append(record())
@@ -402,10 +433,11 @@ def version_text() -> str:
     return f"mambaout-pl {__version__} (torch {torch.__version__}, lightning {lightning.__version__}, timm {timm.__version__})"
 
 
-def print_help() -> int:
-    """Lightning's help (fit, validate, test, predict), then the commands mambaout-pl adds."""
+def print_help(args: list[str] | None = None) -> int:
+    """Lightning's help (fit, validate, test, predict), then the commands mambaout-pl adds; ``args`` None: the
+    command line is ``--help`` and Lightning reads it itself."""
     try:
-        run_cli(["--help"])
+        run_cli(args if args is None else ["--help"])
     except SystemExit as exit_:
         if exit_.code not in (0, None):
             raise
@@ -425,9 +457,9 @@ def main(args: list[str] | None = None) -> int | None:
         print(version_text())
         return 0
     if argv in (["--help"], ["-h"]):
-        return print_help()
+        return print_help(args)
     if not argv:
-        print_help()
+        print_help(["--help"])
         return 2  # a subcommand is required
     if argv and argv[0] in TOOL_COMMANDS:
         module_name, function_name = TOOL_COMMANDS[argv[0]].split(":")

@@ -135,3 +135,15 @@ def test_a_finished_command_destroys_the_process_group_it_ran_in(image_folder: P
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_the_progress_bar_of_a_fit_shows_its_metrics_without_the_loggers_version(
+    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cli = run_cli([*tiny_fit_args(tmp_path, images), "--trainer.enable_progress_bar=true"])
+    assert cli.trainer.logger is not None and cli.trainer.logger.version == 0  # what Lightning shows as v_num
+    bar = cli.trainer.progress_bar_callback
+    metrics = bar.get_metrics(cli.trainer, cli.model)
+    assert "v_num" not in metrics
+    assert {"train/loss", "val/top1"} <= set(metrics)
+    assert "v_num" not in capsys.readouterr().out

@@ -106,7 +106,8 @@ def test_reader_round_trips_a_coco_folder(tmp_path):
     root = write_coco(tmp_path)
     dataset, categories = load_coco_split(root, "val")
     assert [category["id"] for category in categories] == [3, 7]
-    assert dataset.column_names == ["image", "image_id", "width", "height", "objects"]
+    assert dataset.column_names == ["image", "image_id", "file_name", "width", "height", "objects"]
+    assert dataset["file_name"] == list(SIZES)  # the annotation file's names, for the prediction files
     assert dataset["image_id"] == [1, 2, 3] and [len(objects) for objects in dataset["objects"]] == [2, 2, 0]
     label_of = {category["id"]: index + 1 for index, category in enumerate(categories)}
 

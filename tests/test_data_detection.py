@@ -149,9 +149,10 @@ def test_coco_folder_trains_on_annotated_images_and_evaluates_every_image(tmp_pa
     assert len(dm.datasets["train"]) == 2 and len(dm.datasets["val"]) == 2  # images 12, 13 left out of training
 
     (train,) = list(dm.train_dataloader())
-    assert set(train) == {"images", "targets"}
+    assert set(train) == {"images", "targets", "file_names"}
     ids = [target["image_id"] for target in train["targets"]]
     assert sorted(ids) == [11, 14]
+    assert train["file_names"] == [f"{image_id}.png" for image_id in ids]  # the annotation file's file_name
     for image, target in zip(train["images"], train["targets"], strict=True):
         assert image.dtype == torch.float32 and image.shape == (3, HEIGHT, WIDTH)
         assert image_id_of(image) == target["image_id"]

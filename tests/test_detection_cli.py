@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from pycocotools.coco import COCO
 
 from mambaout_pl.cli import MambaOutCLI, main, run_cli
@@ -85,7 +87,45 @@ def test_predict_writes_coco_results_with_the_datasets_category_ids(tmp_path: Pa
     loaded = coco.loadRes(str(results))
     assert {annotation["image_id"] for annotation in loaded.anns.values()} == set(range(1, 7))
     assert {annotation["category_id"] for annotation in loaded.anns.values()} <= set(coco.getCatIds())
-    assert len(list((folder / "pictures").iterdir())) == 6
+    images = json.loads((folder / "images.json").read_text())
+    assert [image["id"] for image in images] == list(range(1, 7))
+    for image in images:  # the annotation file's own entry of each image the results name
+        truth = coco.imgs[image["id"]]
+        assert (image["file_name"], image["width"], image["height"]) == (
+            truth["file_name"],
+            truth["width"],
+            truth["height"],
+        )
+    pictures = sorted(path.name for path in (folder / "pictures").iterdir())
+    assert pictures == sorted(Path(image["file_name"]).with_suffix(".png").name for image in images)
+
+
+def test_predict_on_a_folder_names_pictures_after_the_images_with_their_sub_folders(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for name, (width, height) in {"a/scan.png": (40, 30), "b/scan.jpg": (36, 48), "top.png": (32, 32)}.items():
+        (tmp_path / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(tmp_path / "images" / name)
+    main(
+        [
+            "predict",
+            f"--config={QUICKSTART}",
+            f"--trainer.default_root_dir={tmp_path / 'runs'}",
+            "--trainer.enable_progress_bar=false",
+            f"--data.predict_images={tmp_path / 'images'}",
+            "--data.num_workers=0",
+        ]
+    )
+    folder = tmp_path / "runs" / "lightning_logs" / "version_0" / "predict"
+    images = json.loads((folder / "images.json").read_text())
+    assert [(image["file_name"], image["width"], image["height"]) for image in images] == [
+        ("a/scan.png", 40, 30),
+        ("b/scan.jpg", 36, 48),
+        ("top.png", 32, 32),
+    ]
+    results = json.loads((folder / "results.json").read_text())
+    assert {result["image_id"] for result in results} <= {image["id"] for image in images}
+    pictures = sorted(path.relative_to(folder / "pictures").as_posix() for path in (folder / "pictures").rglob("*.png"))
+    assert pictures == ["a/scan.png", "b/scan.png", "top.png"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=[overlay.stem for overlay in OVERLAYS])

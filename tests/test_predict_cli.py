@@ -23,7 +23,7 @@ from helpers import TINY_BACKBONE, small_segmentation_args, tiny_fit_args
 from PIL import Image
 
 from mambaout_pl.cli import main, run_cli
-from mambaout_pl.data import ImageClassificationDataModule
+from mambaout_pl.data import ADE20K_CLASSES, ImageClassificationDataModule
 from mambaout_pl.data.images import read_rgb_image
 from mambaout_pl.errors import OutputExistsError
 from mambaout_pl.tasks import ClassificationTask
@@ -168,21 +168,34 @@ def test_segmentation_writes_a_mask_per_image_named_and_sized_after_it(unlabelle
     main(predict_args(run, f"--data.predict_images={unlabelled}"))
 
     folder = root / "lightning_logs" / "version_1" / "predict"
-    assert sorted(path.name for path in folder.iterdir()) == [
+    assert sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()) == [
         "IMG_0002.png",
-        "IMG_0003.png",
         "holiday.png",
+        "legend.csv",
+        "more/IMG_0003.png",  # its sub-folder kept
         "test_4.png",
     ]
     for name, size, _ in UNLABELLED:
-        mask = Image.open(folder / f"{Path(name).stem}.png")
+        mask = Image.open(folder / Path(name).with_suffix(".png"))
         assert mask.mode == "P" and mask.size == size
         assert np.asarray(mask).max() < 150  # ADE20K's classes, from the checkpoint
+    with open(folder / "legend.csv", newline="") as file:
+        legend = list(csv.DictReader(file))
+    assert [row["name"] for row in legend] == list(ADE20K_CLASSES) and legend[1]["index"] == "1"
+    colours = mask.getpalette()
+    for row in (legend[1], legend[149]):  # the colour of the class's pixels in the masks
+        index = int(row["index"])
+        assert [int(row["red"]), int(row["green"]), int(row["blue"])] == colours[3 * index : 3 * index + 3]
 
     same_names = tmp_path / "same_names"
     shutil.copytree(unlabelled / "more", same_names / "a")
     shutil.copytree(unlabelled / "more", same_names / "b")
-    with pytest.raises(OutputExistsError, match=r"Two images to predict are named 'IMG_0003'"):
+    main(predict_args(run, f"--data.predict_images={same_names}"))
+    folder = root / "lightning_logs" / "version_2" / "predict"
+    assert Image.open(folder / "a" / "IMG_0003.png").size == Image.open(folder / "b" / "IMG_0003.png").size == (30, 52)
+
+    Image.open(same_names / "a" / "IMG_0003.png").save(same_names / "a" / "IMG_0003.jpg")
+    with pytest.raises(OutputExistsError, match=r"Two images to predict are named 'a/IMG_0003'"):
         run_cli(predict_args(run, f"--data.predict_images={same_names}"))
-    written = root / "lightning_logs" / "version_2" / "predict" / "IMG_0003.png"
+    written = root / "lightning_logs" / "version_3" / "predict" / "a" / "IMG_0003.png"
     assert Image.open(written).size == (30, 52)  # the first one's mask, whole

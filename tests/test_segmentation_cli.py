@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import small_segmentation_args
+from helpers import TINY_BACKBONE, small_segmentation_args
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -135,3 +135,23 @@ def test_missing_annotations_folder_stops_the_cli_with_its_name(ade20k_folder: P
     recipe = ROOT / "recipes" / "quickstart_segmentation.yaml"
     with pytest.raises(Exception, match=r"annotations/training' does not exist"):
         run_cli(["fit", f"--config={recipe}", *small_segmentation_args(tmp_path, ade20k_folder)])
+
+
+def test_a_two_epoch_fit_prints_the_per_class_table_once_at_its_end_in_the_bars_unit(
+    ade20k_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = ROOT / "recipes" / "quickstart_segmentation.yaml"
+    two_epochs = ["--trainer.max_epochs=2", "--trainer.max_steps=4", "--trainer.enable_progress_bar=true"]
+    tiny = [f"--model.backbone_args={TINY_BACKBONE}", "--model.decode_channels=8", "--model.aux_channels=8"]
+    cli = run_cli(["fit", f"--config={recipe}", *small_segmentation_args(tmp_path, ade20k_folder), *two_epochs, *tiny])
+
+    assert cli.trainer.current_epoch == 2
+    out = capsys.readouterr().out
+    assert out.count("Per-class val") == 1 and "Per-class val (epoch 1) scores:" in out  # the last validation's
+    table = out[out.index("Per-class val") :]
+    assert out.index("Per-class val") < out.index("Run finished:")  # before the run's summary
+    mean_row = next(line for line in table.splitlines() if line.startswith("mean "))
+    mean_iou = float(mean_row.split()[1])
+    assert mean_iou == pytest.approx(
+        cli.trainer.callback_metrics["val/mIoU"].item(), abs=5e-5
+    )  # a fraction, as the bar

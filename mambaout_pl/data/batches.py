@@ -39,7 +39,7 @@ class SegmentationEvalBatch(TypedDict):
     image_size: torch.Tensor  # long [B, 2]: each image's (height, width) before padding
     original_size: torch.Tensor  # long [B, 2]: each label map's (height, width), the size scored at
     mask: NotRequired[torch.Tensor]  # long [B, H0, W0]: label maps padded with ignore_index; absent when unlabelled
-    name: list[str]  # file name stems (or row numbers), for writing predictions
+    name: list[str]  # file names without extension (with their sub-folders under predict_images), or row numbers
 
 
 class DetectionTarget(TypedDict):
@@ -62,6 +62,7 @@ class DetectionBatch(TypedDict):
 
     images: list[torch.Tensor]  # float [3, H_i, W_i] each, not padded (the model batches them)
     targets: list[DetectionTarget]  # one per image; empty boxes [0, 4] for an image without objects
+    file_names: NotRequired[list[str]]  # each image's file name ("" without a file), for writing predictions
 
 
 def pad_stack(tensors: Sequence[torch.Tensor], fill: float) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """A local COCO folder (``annotations/instances_<split>.json`` + ``<split>/`` images) as a ``datasets.Dataset``.
 
-Each image is one row: ``image`` (its file path, an undecoded ``datasets.Image``), ``image_id``,
+Each image is one row: ``image`` (its file path, an undecoded ``datasets.Image``), ``image_id``, ``file_name``,
 ``width``, ``height`` and ``objects``, a list of the image's annotations with ``id``, ``bbox``
 (COCO's ``[x, y, width, height]`` in pixels), ``category_id`` (COCO's id), ``area``, ``iscrowd``
 and ``segmentation`` (the annotation's polygons or RLE, as a JSON string; ``""`` when absent).
@@ -53,6 +53,7 @@ def coco_features(category_names: list[str]) -> Features:
         {
             "image": ImageFeature(decode=False),
             "image_id": Value("int64"),
+            "file_name": Value("string"),
             "width": Value("int32"),
             "height": Value("int32"),
             "objects": List(
@@ -161,6 +162,7 @@ def load_coco_split(
     columns = {
         "image": [{"path": str(image_root / image["file_name"]), "bytes": None} for image in rows],
         "image_id": [image["id"] for image in rows],
+        "file_name": [str(image["file_name"]) for image in rows],
         "width": [image["width"] for image in rows],
         "height": [image["height"] for image in rows],
         "objects": [objects[image["id"]] for image in rows],

@@ -432,8 +432,21 @@ class DetectionDataModule(BaseDataModule):
 
 
 def collate_detection(samples: list[dict[str, Any]]) -> DetectionBatch:
-    """``{"images": [float [3, H_i, W_i]], "targets": [DetectionTarget]}``."""
-    return {"images": [sample["image"] for sample in samples], "targets": [sample["target"] for sample in samples]}
+    """``{"images": [float [3, H_i, W_i]], "targets": [DetectionTarget], "file_names": [str]}``."""
+    return {
+        "images": [sample["image"] for sample in samples],
+        "targets": [sample["target"] for sample in samples],
+        "file_names": [sample.get("file_name", "") for sample in samples],
+    }
+
+
+def file_name(row: dict[str, Any], image: Any) -> str:
+    """The image's file name as the data gives it (a COCO ``file_name``, a path under ``predict_images``' folder),
+    else its file's name; ``""`` for an image without a file."""
+    if isinstance(row.get("file_name"), str):
+        return row["file_name"]
+    path = image.get("path") if isinstance(image, dict) else None
+    return Path(path).name if path else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,7 +635,7 @@ class DetectionSampleMaker:
         pixels, target = self.transform(tv_tensors.Image(pil_to_tensor(image)), target)
         sample_target: DetectionTarget = {key: tensor.as_subclass(torch.Tensor) for key, tensor in target.items()}
         sample_target["image_id"] = int(image_id)
-        return {"image": pixels.as_subclass(torch.Tensor), "target": sample_target}
+        return {"image": pixels.as_subclass(torch.Tensor), "target": sample_target, "file_name": file_name(row, value)}
 
     def _label(self, obj: dict[str, Any], where: str) -> int:
         category = obj[self.category_key]

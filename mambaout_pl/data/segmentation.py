@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -266,6 +266,8 @@ class SegmentationSampleMaker:
     def _name(self, row: dict[str, Any], index: int) -> str:
         if "name" in row and isinstance(row["name"], str):
             return row["name"]
+        if isinstance(row.get("file_name"), str):  # predict_images: the path under their folder
+            return str(PurePosixPath(row["file_name"]).with_suffix(""))
         path = row[self.image_column].get("path") if isinstance(row[self.image_column], dict) else None
         return Path(path).stem if path else f"{index:06d}"
 

@@ -147,7 +147,8 @@ def open_images(
     argument: str = "predict_images",
 ) -> Dataset:
     """Image files without labels as one split with an ``image`` column, in path order: every image under a
-    folder (sub-folders included), the files a glob matches, or the files listed.
+    folder (sub-folders included), the files a glob matches, or the files listed; ``file_name`` gives each
+    image's path relative to the folder holding them all (:func:`relative_file_names`).
 
     ``datasets``' ``imagefolder`` builder reads them with ``drop_labels``, so neither sub-folder nor file
     names make classes or splits of them.
@@ -166,7 +167,7 @@ def open_images(
                 f"exist). Set `{argument}` to the folder of images to predict."
             )
     try:
-        return datasets.load_dataset(
+        dataset = datasets.load_dataset(
             "imagefolder",
             data_files={"predict": patterns},
             drop_labels=True,
@@ -178,6 +179,18 @@ def open_images(
             f"{argument} = {images!r} holds no image files that `datasets` reads ({', '.join(patterns)}: {error}). "
             f"Set `{argument}` to a folder of images (.png, .jpg, ...), a glob, or a list of image files."
         ) from error
+    paths = dataset.data.column("image").combine_chunks().field("path").to_pylist()
+    return dataset.add_column("file_name", relative_file_names(paths))
+
+
+def relative_file_names(paths: Sequence[str]) -> list[str]:
+    """Each path relative to the deepest folder holding them all, with ``/``: images named alike in different
+    sub-folders keep different names (``a/x.png``, ``b/x.png``), a flat folder's are its file names."""
+    paths = [os.path.abspath(path) for path in paths]
+    if not paths:
+        return []
+    root = os.path.commonpath([os.path.dirname(path) for path in paths])
+    return [Path(os.path.relpath(path, root)).as_posix() for path in paths]
 
 
 def get_split(splits: Mapping[str, AnyDataset], split: str, argument: str, path: str = "") -> AnyDataset:

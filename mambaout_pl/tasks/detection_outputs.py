@@ -1,10 +1,11 @@
-"""What a detection task shows and writes: pictures with boxes, labels and masks drawn, COCO results json."""
+"""What a detection task shows and writes: pictures with boxes, labels and masks drawn, COCO results json and
+the images it refers to."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ __all__ = [
     "draw_detections",
     "label_names_of",
     "objects_from_results",
+    "picture_name",
 ]
 
 
@@ -162,17 +164,29 @@ def coco_results(
     return results
 
 
+#: The files :class:`DetectionResultsWriter` writes: COCO results, and the images they refer to.
+RESULTS_FILE = "results.json"
+IMAGES_FILE = "images.json"
+
+
+def picture_name(file_name: str, image_id: int) -> str:
+    """The picture of an image: its file name (with its sub-folders) as ``.png``, else ``<image_id>.png``."""
+    return f"{PurePosixPath(file_name).with_suffix('')}.png" if file_name else f"{image_id}.png"
+
+
 class DetectionResultsWriter(PredictionWriter):
     """Write ``trainer.predict``'s COCO results to ``output_dir/results.json`` (one list over all images,
-    what COCO's evaluation server takes), and the first ``num_pictures`` images with their detections
-    drawn to ``output_dir/pictures/<image_id>.png``.
+    what COCO's evaluation server takes), the images they refer to to ``output_dir/images.json`` (COCO's
+    ``images`` entries: ``id`` as the results' ``image_id``, ``file_name``, and the ``width`` and ``height``
+    the boxes are in), and the first ``num_pictures`` images with their detections drawn to
+    ``output_dir/pictures/<file name>.png`` (sub-folders kept; ``<image_id>.png`` for an image without a file).
 
     ``output_dir`` ``None``: ``<trainer.log_dir>/predict``, the run's version folder; an earlier
     ``results.json`` or picture is never overwritten (:class:`~mambaout_pl.errors.OutputExistsError`). Each prediction is
     ``{"image_id": [...], "results": [[COCO result, ...], ...]}`` per batch (see
     ``ObjectDetectionTask.predict_step``); pictures are drawn on the batch's images, with the
     ``label_names`` of labels 1..K (of the data module's ``category_ids`` when it has them). Under DDP the
-    ranks' results are gathered and rank 0 writes the file.
+    ranks' results are gathered and rank 0 writes the files.
     """
 
     def __init__(
@@ -189,38 +203,49 @@ class DetectionResultsWriter(PredictionWriter):
         self.names: dict[int, str] = {}
         self.folder: Path | None = None  # the folder written to, once predicting
         self._results: list[dict[str, Any]] = []
+        self._images: list[dict[str, Any]] = []
         self._pictures_written = 0
 
     def reserved_output(self, folder: Path) -> Path:
-        return folder / "results.json"
+        return folder / RESULTS_FILE
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.folder = self.output_folder(trainer)
-        check_new_output(self.folder / "results.json")
+        check_new_output(self.folder / RESULTS_FILE)
+        check_new_output(self.folder / IMAGES_FILE)
         self._results = []
+        self._images = []
         self._pictures_written = 0
         self.names = label_names_of(self.label_names, dataset_category_ids(trainer))
 
     def write_batch(self, trainer: Trainer, prediction: Any, batch: Any, batch_indices: Sequence[int] | None) -> None:
+        file_names = batch.get("file_names") or [""] * len(prediction["image_id"])
         for index, (image_id, results) in enumerate(zip(prediction["image_id"], prediction["results"], strict=True)):
             self._results.extend(results)
+            image = batch["images"][index]
+            height, width = image.shape[-2:]
+            self._images.append({"id": int(image_id), "file_name": file_names[index], "width": width, "height": height})
             if trainer.is_global_zero and self._pictures_written < self.num_pictures:
-                image = batch["images"][index]
-                objects = objects_from_results(results, *image.shape[-2:])
+                objects = objects_from_results(results, height, width)
                 picture = to_pil_image(draw_detections(image, objects, self.names, self.score_threshold))
-                path = self.folder / "pictures" / f"{image_id}.png"
+                path = self.folder / "pictures" / picture_name(file_names[index], image_id)
                 check_new_output(path)
                 atomic_write(path, lambda file, picture=picture: picture.save(file, format="PNG"), exclusive=True)
                 self._pictures_written += 1
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        results = self._results
+        results, images = self._results, self._images
         if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
-            gathered: list[list[dict[str, Any]]] = [[] for _ in range(trainer.world_size)]
-            dist.all_gather_object(gathered, results)
-            results = [result for part in gathered for result in part]
+            gathered: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]] = [([], [])] * trainer.world_size
+            dist.all_gather_object(gathered, (results, images))
+            results = [result for part, _ in gathered for result in part]
+            images = [image for _, part in gathered for image in part]
         if trainer.is_global_zero:
-            path = self.folder / "results.json"
-            atomic_write(path, lambda file: file.write(json.dumps(results).encode()), exclusive=True)
-            rank_zero_info(f"COCO results ({len(results)} detections) written to {path}")
-        self._results = []
+            images = sorted({image["id"]: image for image in images}.values(), key=lambda image: image["id"])
+            for name, content in ((IMAGES_FILE, images), (RESULTS_FILE, results)):
+                path = self.folder / name
+                atomic_write(
+                    path, lambda file, content=content: file.write(json.dumps(content).encode()), exclusive=True
+                )
+            rank_zero_info(f"COCO results ({len(results)} detections of {len(images)} images) written to {path}")
+        self._results, self._images = [], []

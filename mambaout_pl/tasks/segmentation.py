@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MetricCollection
 
@@ -33,7 +33,8 @@ class SegmentationTask(ValidationPictures, BaseTask):
     predictions are scored at the original label resolution. Logs ``train/loss`` (decode + ``aux_weight`` x
     auxiliary), ``val/loss``, ``val/mIoU``, ``val/mAcc``, ``val/aAcc`` and ``val/IoU/<class>``
     (mmsegmentation's dataset-level scores, see ``segmentation_metrics``), the same under
-    ``test/``, and image | truth | prediction pictures to loggers that take images.
+    ``test/``, and image | truth | prediction pictures to loggers that take images. The per-class table of
+    the last validation is printed once, when ``fit`` (or ``validate``, ``test``) ends.
 
     Args:
         backbone: any name ``FeatureBackbone`` takes: ours, a timm model, or a dotted class path.
@@ -78,6 +79,7 @@ class SegmentationTask(ValidationPictures, BaseTask):
 
     monitor = "val/mIoU"
     mode = "max"
+    _score_table_text: str | None = None  # the last evaluation's per-class table, until printed
     output_settings = ("predict_dir",)
     network_forward_methods = ("forward_heads",)
 
@@ -185,7 +187,8 @@ class SegmentationTask(ValidationPictures, BaseTask):
         self.test_metrics = segmentation_metrics(num_classes, ignore_index, prefix="test/")
 
     def configure_callbacks(self) -> list[Callback]:
-        return [*super().configure_callbacks(), SegmentationMaskWriter(self.hparams.predict_dir)]
+        names = self.hparams.label_names or [str(index) for index in range(self.hparams.num_classes)]
+        return [*super().configure_callbacks(), SegmentationMaskWriter(self.hparams.predict_dir, label_names=names)]
 
     def example_input(self, data_hparams: Mapping[str, Any]) -> torch.Tensor | None:
         """One image of the data's training ``crop_size``."""
@@ -291,17 +294,37 @@ class SegmentationTask(ValidationPictures, BaseTask):
         if per_class:
             self.log_dict(per_class)
         if self._trainer is not None and not self.trainer.sanity_checking:
-            rank_zero_info(self._score_table(stage, names, scores))
+            fitting = self.trainer.state.fn == TrainerFn.FITTING
+            title = f"{stage} (epoch {self.current_epoch})" if fitting else stage
+            self._score_table_text = self._score_table(title, names, scores)
+
+    def on_train_end(self) -> None:
+        self._print_score_table()  # the last validation's, once, after the progress bar
+
+    def on_validation_end(self) -> None:
+        super().on_validation_end()
+        if self.trainer.state.fn == TrainerFn.VALIDATING:
+            self._print_score_table()
+
+    def on_test_end(self) -> None:
+        super().on_test_end()
+        self._print_score_table()
+
+    def _print_score_table(self) -> None:
+        text, self._score_table_text = self._score_table_text, None
+        if text is not None and self.trainer.is_global_zero:
+            print(text, flush=True)
 
     @staticmethod
     def _score_table(stage: str, names: list[str], scores: dict[str, torch.Tensor]) -> str:
+        """Per-class IoU and accuracy as fractions, as the progress bar and the logs give ``mIoU``."""
         width = max(len("class"), *(len(name) for name in names))
         lines = [f"Per-class {stage} scores:", f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
         for name, iou, accuracy in zip(names, scores["IoU"].tolist(), scores["Acc"].tolist(), strict=True):
-            lines.append(f"{name:<{width}}  {100 * iou:6.2f}  {100 * accuracy:6.2f}")
+            lines.append(f"{name:<{width}}  {iou:6.4f}  {accuracy:6.4f}")
         lines.append(
-            f"{'mean':<{width}}  {100 * scores['mIoU'].item():6.2f}  {100 * scores['mAcc'].item():6.2f}"
-            f"  (aAcc {100 * scores['aAcc'].item():.2f})"
+            f"{'mean':<{width}}  {scores['mIoU'].item():6.4f}  {scores['mAcc'].item():6.4f}"
+            f"  (aAcc {scores['aAcc'].item():.4f})"
         )
         return "\n".join(lines)
 

@@ -1,7 +1,10 @@
-"""What a segmentation task shows and writes: a colour palette, image | truth | prediction pictures, PNG masks."""
+"""What a segmentation task shows and writes: a colour palette, image | truth | prediction pictures, PNG masks
+and their legend."""
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -87,17 +90,30 @@ def write_label_png(path: str | Path, labels: torch.Tensor | np.ndarray, exclusi
     atomic_write(Path(path), lambda file: image.save(file, format="PNG"), exclusive=exclusive)
 
 
+#: The colour key of the masks ``SegmentationMaskWriter`` writes, beside them.
+LEGEND_FILE = "legend.csv"
+
+
+def legend_rows(label_names: Sequence[str]) -> list[list[Any]]:
+    """``[index, name, red, green, blue]`` per class: the colour of its pixels in :func:`write_label_png`'s masks."""
+    colours = palette(max(256, len(label_names)))
+    return [[index, name, *colours[index].tolist()] for index, name in enumerate(label_names)]
+
+
 class SegmentationMaskWriter(PredictionWriter):
     """Write each prediction of ``trainer.predict`` to ``output_dir/<name>.png`` (see :func:`write_label_png`),
-    ``<name>`` being the image's file name without its extension (or its row).
+    ``<name>`` being the image's file name without its extension (under ``predict_images``, its path below
+    their folder, so ``a/x.jpg`` and ``b/x.jpg`` give ``a/x.png`` and ``b/x.png``), or its row; and
+    ``legend.csv``: ``index,name,red,green,blue`` per class of ``label_names``, the colours of the masks.
 
     ``output_dir`` ``None``: ``<trainer.log_dir>/predict``, the run's version folder. A mask file that
     exists already, an earlier run's or one of another image with the same name, is never overwritten
     (:class:`~mambaout_pl.errors.OutputExistsError`).
     """
 
-    def __init__(self, output_dir: str | Path | None = None) -> None:
+    def __init__(self, output_dir: str | Path | None = None, label_names: Sequence[str] | None = None) -> None:
         super().__init__(output_dir)
+        self.label_names = None if label_names is None else list(label_names)
         self.folder: Path | None = None  # the folder written to, once predicting
         self._written = 0
         self._names: set[str] = set()  # mask names this run has written
@@ -107,6 +123,8 @@ class SegmentationMaskWriter(PredictionWriter):
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.folder = self.output_folder(trainer)
+        if self.label_names:
+            check_new_output(self.folder / LEGEND_FILE)
         self._written = 0
         self._names = set()
 
@@ -125,5 +143,16 @@ class SegmentationMaskWriter(PredictionWriter):
             self._written += 1
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.label_names and trainer.is_global_zero:
+            write_legend(self.folder / LEGEND_FILE, self.label_names)
         count = f"{self._written} label maps" if trainer.world_size == 1 else "Label maps"
         rank_zero_info(f"{count} written to {self.folder}")
+
+
+def write_legend(path: Path, label_names: Sequence[str]) -> None:
+    """Write :func:`legend_rows` as CSV with a header, never over an existing file."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["index", "name", "red", "green", "blue"])
+    writer.writerows(legend_rows(label_names))
+    atomic_write(path, lambda file: file.write(text.getvalue().encode()), exclusive=True)
