@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+import yaml
 from jsonargparse import Namespace
 from lightning.fabric.connector import _convert_precision_to_unified_args
 from lightning.pytorch import LightningDataModule, Trainer
@@ -47,7 +48,13 @@ from mambaout_pl.training.metrics_file import MetricsFile
 from mambaout_pl.training.preemption import PreemptionCheckpoint
 from mambaout_pl.training.progress_bar import RunProgressBar
 from mambaout_pl.training.resume import CHECKPOINT_KEY, saved_model_settings
-from mambaout_pl.training.run_folders import check_output_paths, reserve_log_versions
+from mambaout_pl.training.run_folders import (
+    check_output_paths,
+    checkpoint_run_folder,
+    follow_checkpoint_run,
+    reserve_log_versions,
+)
+from mambaout_pl.training.run_matching import RunConfigCallback, run_differences
 from mambaout_pl.training.run_summary import RunSummary
 from mambaout_pl.training.sharded_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint_metadata
 from mambaout_pl.training.unused_run_folders import remove_unused_run_folders
@@ -83,7 +90,12 @@ class MambaOutCLI(LightningCLI):
     ``--ckpt_path last``. ``preemption`` saves ``last.ckpt`` and stops on SIGTERM or SIGINT (see
     ``PreemptionCheckpoint``). Checkpoints are written atomically (``AtomicCheckpointIO``) unless
     the config brings its own checkpoint IO plugin. ``fit --ckpt_path last`` resumes from the
-    newest ``last*.ckpt`` of any earlier run version under the same root folder.
+    newest ``last*.ckpt`` of the earlier runs under the same root folder that were started with the
+    command's settings (see :mod:`mambaout_pl.training.run_matching`).
+
+    A command given a checkpoint of a run under its root keeps to that run's folder: a resumed
+    ``fit`` continues ``version_N``, and ``validate``, ``test`` and ``predict`` write into
+    ``version_N/<command>`` (see :func:`~mambaout_pl.training.run_folders.follow_checkpoint_run`).
     """
 
     def setup_parser(
@@ -156,9 +168,13 @@ class MambaOutCLI(LightningCLI):
         if not trainer.loggers:  # the learning-rate monitor this CLI adds needs a logger to write to
             trainer.callbacks = [callback for callback in trainer.callbacks if callback is not lr_monitor]
         check_output_paths(trainer, self.model)
-        self._last_checkpoint = self._resolve_last_checkpoint(trainer)
-        self._created_run_folders = reserve_log_versions(trainer)  # removed if the command fails before using them
         record_precision(self.config.get(str(self.subcommand), self.config), trainer)
+        self._last_checkpoint = self._resolve_last_checkpoint(trainer)
+        ckpt_path = config.get("ckpt_path")
+        ckpt_path = self._last_checkpoint if ckpt_path == "last" else ckpt_path
+        # both removed if the command fails before using them
+        self._created_run_folders = follow_checkpoint_run(trainer, str(self.subcommand), ckpt_path)
+        self._created_run_folders += reserve_log_versions(trainer)
         return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -245,27 +261,48 @@ class MambaOutCLI(LightningCLI):
         follow_task_monitor(config)
 
     def _resolve_last_checkpoint(self, trainer: Trainer) -> Path | None:
-        """For ``fit --ckpt_path last``: the newest ``last*.ckpt`` of any run version under the root, or None
-        (with a warning) when there is no checkpoint at all; found before this run creates its folder.
+        """For ``fit --ckpt_path last``: the newest ``last*.ckpt`` of the runs under the root whose saved config has
+        this command's settings, or None (with a warning) when there is none; found before this run creates its folder.
 
         A ``last.ckpt`` link to a deleted checkpoint, or checkpoint folders without a ``last*.ckpt``,
         raise :class:`~mambaout_pl.errors.CheckpointError`. With no checkpoint at all (the first
-        start of a job that is restarted with the same command) the run starts from scratch with a
-        warning naming the folders searched: a mistyped root folder shows there.
+        start of a job that is restarted with the same command), or only runs of other settings,
+        the run starts from scratch with a warning naming the folders searched (a mistyped root
+        folder shows there) or the settings that differ.
         """
         if self.subcommand != "fit" or self.config_init[self.subcommand].get("ckpt_path") != "last":
             return None
-        found = find_last_checkpoint(trainer)
-        if found is None:
-            root = Path(trainer.default_root_dir).resolve()
-            state = "exists but holds no checkpoint" if root.is_dir() else "does not exist"
+        current = yaml.safe_load(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False))
+        differences: dict[Path, Any] = {}
+
+        def same_settings(run: Path) -> bool:
+            differences[run] = run_differences(run, current)
+            return differences[run] == {}
+
+        found = find_last_checkpoint(trainer, accept_run=same_settings)
+        if found is not None:
+            return found
+        root = Path(trainer.default_root_dir).resolve()
+        others = {
+            run: found for run, found in differences.items() if found and any((run / "checkpoints").glob("last*.ckpt"))
+        }
+        if others:
+            described = "; ".join(describe_differences(run, found) for run, found in sorted(others.items())[:3])
             rank_zero_warn(
-                f"--ckpt_path last: no checkpoint to resume in {describe_last_checkpoint_folders(trainer)}, and "
-                f"trainer.default_root_dir '{root}' {state}: this run starts from scratch. If you meant to continue "
-                "an earlier run, give its root folder with --trainer.default_root_dir (or its checkpoint with "
-                "--ckpt_path PATH)."
+                f"--ckpt_path last: no run under '{root}' was started with this command's settings, so none is "
+                f"resumed and this run starts from scratch. The runs there with a last checkpoint differ ({{setting: "
+                f"(theirs, this command's)}}): {described}. To continue one of them, run it with its own config "
+                "(--config <run>/config.yaml) or give its checkpoint with --ckpt_path PATH."
             )
-        return found
+            return None
+        state = "exists but holds no checkpoint" if root.is_dir() else "does not exist"
+        rank_zero_warn(
+            f"--ckpt_path last: no checkpoint to resume in {describe_last_checkpoint_folders(trainer)}, and "
+            f"trainer.default_root_dir '{root}' {state}: this run starts from scratch. If you meant to continue "
+            "an earlier run, give its root folder with --trainer.default_root_dir (or its checkpoint with "
+            "--ckpt_path PATH)."
+        )
+        return None
 
     def before_fit(self) -> None:
         """Resolve ``--ckpt_path last`` across run versions (Lightning only looks in the new, empty one)."""
@@ -274,8 +311,20 @@ class MambaOutCLI(LightningCLI):
             return
         found = getattr(self, "_last_checkpoint", None)
         config["ckpt_path"] = None if found is None else str(found)
-        if found is not None:
-            rank_zero_info(f"Resuming from {found}.")
+        if found is None:
+            return
+        runs = [checkpoint_run_folder(found, logger) for logger in self.trainer.loggers]
+        run = next((folder for folder in runs if folder is not None), None)
+        where = f"the run in '{run}' (started with this command's settings)" if run is not None else f"'{found.parent}'"
+        rank_zero_info(f"--ckpt_path last: resuming {where} from {found.name}.")
+
+
+def describe_differences(run: Path, differences: Mapping[str, tuple[Any, Any]] | None, shown: int = 3) -> str:
+    """``version_0: {'model.init_args.lr': (0.002, 0.001)}`` (the first ``shown`` settings), for messages."""
+    if differences is None:
+        return f"{run.name}: no readable config.yaml"
+    items = dict(list(differences.items())[:shown])
+    return f"{run.name}: {items}" + (f" and {len(differences) - shown} more" if len(differences) > shown else "")
 
 
 def config_strings(value: Any) -> Iterator[str]:
@@ -397,6 +446,7 @@ def run_cli(
         subclass_mode_data=True,
         args=args,
         parser_class=parser_class,
+        save_config_callback=RunConfigCallback,
     )
 
 

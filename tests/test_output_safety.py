@@ -47,10 +47,10 @@ def snapshot(folder: Path) -> dict[str, bytes | str]:
 
 
 def earlier_run(root: Path, checkpoint: Path) -> Path:
-    """An earlier run in ``root``: its config, a checkpoint and the ``last.ckpt`` link to it."""
+    """An earlier run in ``root`` of ``checkpoint``'s settings: its config, a checkpoint and the ``last.ckpt`` link."""
     run = root / "lightning_logs" / "version_0"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "config.yaml").write_text("seed_everything: 0\n")
+    (run / "config.yaml").write_bytes((checkpoint.parents[1] / "config.yaml").read_bytes())
     (run / "checkpoints" / "epoch000-step1.ckpt").write_bytes(checkpoint.read_bytes())
     (run / "checkpoints" / "last.ckpt").symlink_to("epoch000-step1.ckpt")
     return run

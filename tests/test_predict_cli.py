@@ -92,8 +92,8 @@ def test_classification_predicts_a_flat_folder_into_the_runs_folder(
     with caplog.at_level(logging.INFO):
         main(predict_args(classification_run, f"--data.predict_images={unlabelled}"))
 
-    predict_run = classification_run.parent / "version_1"  # the predict command's own folder, beside its config
-    path = predict_run / "predict" / "predictions.csv"
+    predict_run = classification_run / "predict"  # the predict command's folder in the checkpoint's run
+    path = predict_run / "predictions.csv"
     assert f"Predictions of 4 images written to {path}" in caplog.text
     assert (predict_run / "config.yaml").is_file()
     with path.open() as file:
@@ -167,8 +167,9 @@ def test_segmentation_writes_a_mask_per_image_named_and_sized_after_it(unlabelle
     run = root / "lightning_logs" / "version_0"
     main(predict_args(run, f"--data.predict_images={unlabelled}"))
 
-    folder = root / "lightning_logs" / "version_1" / "predict"
-    assert sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()) == [
+    folder = run / "predict"  # the run folder of its checkpoint
+    written = folder.rglob("*")
+    assert sorted(path.relative_to(folder).as_posix() for path in written if path.suffix in (".png", ".csv")) == [
         "IMG_0002.png",
         "holiday.png",
         "legend.csv",
@@ -191,11 +192,11 @@ def test_segmentation_writes_a_mask_per_image_named_and_sized_after_it(unlabelle
     shutil.copytree(unlabelled / "more", same_names / "a")
     shutil.copytree(unlabelled / "more", same_names / "b")
     main(predict_args(run, f"--data.predict_images={same_names}"))
-    folder = root / "lightning_logs" / "version_2" / "predict"
+    folder = run / "predict_1"
     assert Image.open(folder / "a" / "IMG_0003.png").size == Image.open(folder / "b" / "IMG_0003.png").size == (30, 52)
 
     Image.open(same_names / "a" / "IMG_0003.png").save(same_names / "a" / "IMG_0003.jpg")
     with pytest.raises(OutputExistsError, match=r"Two images to predict are named 'a/IMG_0003'"):
         run_cli(predict_args(run, f"--data.predict_images={same_names}"))
-    written = root / "lightning_logs" / "version_3" / "predict" / "a" / "IMG_0003.png"
+    written = run / "predict_2" / "a" / "IMG_0003.png"
     assert Image.open(written).size == (30, 52)  # the first one's mask, whole

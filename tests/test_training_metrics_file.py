@@ -47,14 +47,17 @@ def test_rows_hold_what_tensorboard_logged_and_a_resumed_run_keeps_the_earlier_e
     assert rows[0]["lr"] == pytest.approx(logged[learning_rate][2], rel=1e-6)  # the rate after the epoch's updates
 
     main(quickstart_fit_args(tmp_path / "resumed", EVERY_STEP, "--trainer.max_epochs=1"))
-    main(quickstart_fit_args(tmp_path / "resumed", EVERY_STEP, "--ckpt_path=last"))
-    first, second = run_folders(tmp_path / "resumed")
-    (before,) = read_metrics_file(first / "metrics.csv")
-    resumed = read_metrics_file(second / "metrics.csv")
+    (run,) = run_folders(tmp_path / "resumed")
+    (before,) = read_metrics_file(run / "metrics.csv")
+    main(quickstart_fit_args(tmp_path / "resumed", EVERY_STEP, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"))
+    assert run_folders(tmp_path / "resumed") == [run]  # the resumed run continues its folder and its file
+    resumed = read_metrics_file(run / "metrics.csv")
     assert [(row["epoch"], row["step"]) for row in resumed] == [(0, 2), (1, 4)]
     assert resumed[0] == before  # the earlier epoch, restored from the checkpoint (its 1-epoch schedule's lr)
     assert before["lr"] != rows[0]["lr"]
-    resumed_losses = scalars(second)["train/loss"]
+    assert sorted(scalars(run)["train/loss"]) == [0, 1, 2, 3]  # one TensorBoard run of both starts
+    *_, newest = sorted(run.glob("events.out.tfevents.*"), key=lambda path: path.stat().st_mtime_ns)
+    resumed_losses = scalars(newest)["train/loss"]
     assert sorted(resumed_losses) == [2, 3]  # the resumed run trained steps 3 and 4 only
     assert resumed[1]["train/loss"] == pytest.approx(sum(resumed_losses.values()) / 2, rel=1e-6)
 

@@ -216,9 +216,13 @@ def test_preempted_run_saves_and_resumes_exactly_as_the_uninterrupted_run(
     assert not list(checkpoints.glob(".*"))  # no temporary files left behind
 
     with one_thread():
-        resumed = run_cli([*fit_args(tmp_path, image_folder), "--ckpt_path=last"])  # a new run version, same root
+        # the same command (its armed callback finds the marker), continuing the run's own folder
+        resumed = run_cli(
+            [*fit_args(tmp_path, image_folder), f"--config={tmp_path / 'inject.yaml'}", "--ckpt_path=last"]
+        )
     assert Path(resumed.trainer.ckpt_path) == checkpoints / "last.ckpt"
-    assert_same_training_state(last_checkpoint(tmp_path, 1), reference_run)
+    assert sorted(path.name for path in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
+    assert_same_training_state(last_checkpoint(tmp_path, 0), reference_run)
 
 
 @pytest.mark.parametrize(
@@ -240,7 +244,9 @@ def test_signal_to_the_whole_process_group_with_dataloader_workers_saves_and_res
     assert saved["global_step"] == saved_step
 
     with one_thread():
-        resumed = run_cli([*fit_args(tmp_path, images), *WORKERS, "--ckpt_path=last"])
+        resumed = run_cli(
+            [*fit_args(tmp_path, images), f"--config={tmp_path / 'inject.yaml'}", *WORKERS, "--ckpt_path=last"]
+        )
     assert Path(resumed.trainer.ckpt_path) == checkpoints / "last.ckpt"
     assert (resumed.trainer.current_epoch, resumed.trainer.global_step) == (2, 2 * BATCHES_PER_EPOCH)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -119,7 +120,8 @@ def export_checkpoint(
 def write_export(task: BaseTask, checkpoint: dict[str, Any], checkpoint_path: Path, folder: Path) -> str:
     """Write weights, config and model card of ``task`` into ``folder`` as its :class:`ExportSpec` says;
     returns the format written (``"timm"`` or ``"mambaout-pl"``)."""
-    spec = task.export_spec(checkpoint.get("datamodule_hyper_parameters", {}))
+    data_hparams = checkpoint.get("datamodule_hyper_parameters", {})
+    spec = task.export_spec(data_hparams)
     timm_model = _as_timm_model(task.model, spec) if spec.timm_format else None
     if timm_model is not None:
         timm.models.save_for_hf(
@@ -130,6 +132,14 @@ def write_export(task: BaseTask, checkpoint: dict[str, Any], checkpoint_path: Pa
             safe_serialization=True,
             data_config=spec.preprocessing,
         )
+        # timm copies the tag of the network's ImageNet weights ("in1k"): these weights name their own data
+        config = json.loads((folder / "config.json").read_text())
+        pretrained_cfg = config.setdefault("pretrained_cfg", {})
+        pretrained_cfg.pop("tag", None)
+        tag = training_data_tag(data_hparams)
+        if tag is not None:
+            pretrained_cfg["tag"] = tag
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
         export_format = "timm"
     else:
         state = {name: tensor.detach().contiguous() for name, tensor in task.model.state_dict().items()}
@@ -148,6 +158,20 @@ def write_export(task: BaseTask, checkpoint: dict[str, Any], checkpoint_path: Pa
     card = model_card(task.model, spec, checkpoint, checkpoint_path, export_format)
     card.save(folder / "README.md")
     return export_format
+
+
+def training_data_tag(data_hparams: Mapping[str, Any]) -> str | None:
+    """The ``pretrained_cfg`` tag of weights trained on the data a data module's saved settings name: the
+    folder's name for a builder reading ``data_dir`` (``imagefolder``), else the last part of ``path``
+    (``builtin:digits`` -> ``digits``, ``ILSVRC/imagenet-1k`` -> ``imagenet_1k``); None without either."""
+    path, data_dir = data_hparams.get("path"), data_hparams.get("data_dir")
+    if isinstance(data_dir, (str, os.PathLike)) and path in (None, "imagefolder", "parquet", "ade20k", "coco"):
+        name = Path(data_dir).expanduser().resolve().name
+    elif isinstance(path, (str, os.PathLike)):
+        name = re.split(r"[:/\\]", str(path).rstrip("/\\"))[-1]
+    else:
+        return None
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or None
 
 
 def _as_timm_model(network: torch.nn.Module, spec: ExportSpec) -> torch.nn.Module | None:

@@ -84,13 +84,31 @@ def atomic_symlink(target: Path, link: Path) -> None:
     fsync_folder(link.parent)
 
 
+def atomic_hard_link(source: Path, path: Path) -> None:
+    """Make ``path`` a second name of the file ``source`` (one copy of its bytes), replacing ``path`` in one rename.
+
+    Raises ``OSError`` where hard links cannot be made (another file system, no support); ``path`` is then untouched.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.hardlink")
+    temporary.unlink(missing_ok=True)
+    os.link(source, temporary)
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
+
+
 @contextmanager
 def staged_folder(target: Path, replace: bool = False) -> Iterator[Path]:
     """Yield an empty folder beside ``target`` that becomes ``target`` in one rename when the block succeeds.
 
     A failure removes the staged folder and leaves ``target`` as it was. With ``replace=False`` an
     existing ``target`` (e.g. written meanwhile by another process) is kept and the staged copy
-    dropped; with ``replace=True`` it is swapped out and removed.
+    dropped; with ``replace=True`` it is swapped out and removed. The folder and the files in it get
+    the permissions of ones made with the user's umask (see :func:`plain_permissions`), whatever
+    wrote them through a temporary file of its own (``safetensors`` writes ``0600`` files).
     """
     with naming_target(target):
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +116,7 @@ def staged_folder(target: Path, replace: bool = False) -> Iterator[Path]:
     try:
         with naming_target(target):
             yield staging
-            staging.chmod(0o777 & ~umask())  # mkdtemp makes 0700
+            plain_permissions(staging)
             if replace and target.exists():
                 retired = target.with_name(f".{target.name}.replaced-{uuid.uuid4().hex[:8]}")
                 target.rename(retired)
@@ -113,6 +131,20 @@ def staged_folder(target: Path, replace: bool = False) -> Iterator[Path]:
         fsync_folder(target.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def plain_permissions(folder: Path) -> None:
+    """Give ``folder``, its sub-folders and its files without an execute bit the permissions that ``mkdir`` and
+    ``open(path, "w")`` give under the current umask (``0755`` and ``0644`` for umask ``022``)."""
+    mask = umask()
+    folder.chmod(0o777 & ~mask)  # mkdtemp makes 0700
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(0o777 & ~mask)
+        elif path.is_file() and not path.stat().st_mode & 0o111:
+            path.chmod(0o666 & ~mask)
 
 
 @contextmanager

@@ -6,7 +6,8 @@
   file intact. Lightning's own ``TorchCheckpointIO`` stages local files in the system temporary
   folder and moves them with ``shutil.move``, which is a copy (not atomic) when that folder is on
   another file system, and never calls ``fsync``.
-- :class:`ModelCheckpoint` is Lightning's, with ``last.ckpt`` links replaced atomically too.
+- :class:`ModelCheckpoint` is Lightning's, with ``last.ckpt`` links replaced atomically too, and one
+  copy of the bytes of checkpoints that two callbacks save of the same training state.
 - :func:`find_last_checkpoint` resolves ``--ckpt_path last`` across a logger's run versions.
 """
 
@@ -26,7 +27,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer import Trainer
 
 from mambaout_pl.errors import CheckpointError, UnsafeCheckpointError, first_sentence
-from mambaout_pl.training.atomic import atomic_symlink, atomic_torch_save, atomic_write
+from mambaout_pl.training.atomic import atomic_hard_link, atomic_symlink, atomic_torch_save, atomic_write
 from mambaout_pl.training.sharded_checkpoint import is_sharded_checkpoint
 
 
@@ -106,7 +107,38 @@ class ModelCheckpoint(LightningModelCheckpoint):
 
     Lightning removes the old link before creating the new one, so a kill in between leaves no
     ``last.ckpt`` at all and ``--ckpt_path last`` silently starts over.
+
+    When another of these callbacks saved a checkpoint at the same point of training (the same hook,
+    epoch and step, both with or both without the optimizer state), e.g. the best and the latest
+    epoch, its file becomes a hard link to the one saved second, which holds every callback's
+    updated state: the run keeps one copy of the bytes. Where hard links cannot be made, both stay.
     """
+
+    _moment: str | None = None
+    _saved: tuple[tuple[Any, ...], str] | None = None
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        self._moment = "on_train_batch_end"
+        super().on_train_batch_end(trainer, *args, **kwargs)
+
+    def on_train_epoch_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        self._moment = "on_train_epoch_end"
+        super().on_train_epoch_end(trainer, *args, **kwargs)
+
+    def on_validation_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        self._moment = "on_validation_end"
+        super().on_validation_end(trainer, *args, **kwargs)
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        point = (self._moment, trainer.current_epoch, trainer.global_step, self.save_weights_only)
+        self._saved = (point, filepath)
+        if not trainer.is_global_zero:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            saved = getattr(callback, "_saved", None) if callback is not self else None
+            if saved is not None and saved[0] == point:
+                share_checkpoint_bytes(Path(filepath), Path(saved[1]))
 
     @staticmethod
     def _link_checkpoint(trainer: Trainer, filepath: str, linkpath: str) -> None:
@@ -122,6 +154,22 @@ class ModelCheckpoint(LightningModelCheckpoint):
                 content = Path(filepath).read_bytes()
                 atomic_write(link, lambda file: file.write(content))
         trainer.strategy.barrier()
+
+
+def share_checkpoint_bytes(source: Path, other: Path) -> bool:
+    """Replace the checkpoint file ``other`` by a hard link to ``source`` (a checkpoint of the same training
+    state); False, both left as they are, for folders, links, a missing file or no hard links."""
+    if "://" in str(source) or "://" in str(other) or source.absolute() == other.absolute():
+        return False
+    if not (source.is_file() and other.is_file()) or source.is_symlink() or other.is_symlink():
+        return False
+    if os.path.samefile(source, other):
+        return True
+    try:
+        atomic_hard_link(source, other)
+    except OSError:
+        return False
+    return True
 
 
 def last_checkpoint_folders(trainer: Trainer) -> list[Path]:
@@ -145,20 +193,23 @@ def last_checkpoint_folders(trainer: Trainer) -> list[Path]:
     return sorted(folders)
 
 
-def last_checkpoint_candidates(trainer: Trainer) -> list[Path]:
-    """Every complete ``last*.ckpt`` this trainer's checkpoint callbacks could have written, in any run version."""
-    return [path for path in _checkpoint_files(last_checkpoint_folders(trainer), "last*.ckpt") if path.exists()]
+def last_checkpoint_candidates(trainer: Trainer, accept_run: Callable[[Path], bool] | None = None) -> list[Path]:
+    """Every complete ``last*.ckpt`` this trainer's checkpoint callbacks could have written, in any run version
+    (only in the run folders ``accept_run`` accepts, when given)."""
+    folders = last_checkpoint_folders(trainer)
+    return [path for path in _checkpoint_files(folders, "last*.ckpt", accept_run) if path.exists()]
 
 
-def find_last_checkpoint(trainer: Trainer) -> Path | None:
+def find_last_checkpoint(trainer: Trainer, accept_run: Callable[[Path], bool] | None = None) -> Path | None:
     """The most recently written ``last*.ckpt`` among :func:`last_checkpoint_candidates`, or None when there is none.
 
+    ``accept_run(run_folder)`` chooses the run versions searched (a fixed ``dirpath`` is always searched).
     Raises :class:`CheckpointError` for a ``last*.ckpt`` link whose checkpoint is gone and that is
     newer than every complete one, and for checkpoint folders that hold checkpoints but no
     ``last*.ckpt``: resuming from an older file, or starting over, would silently lose training.
     """
     folders = last_checkpoint_folders(trainer)
-    links = list(_checkpoint_files(folders, "last*.ckpt"))
+    links = list(_checkpoint_files(folders, "last*.ckpt", accept_run))
     complete = [path for path in links if path.exists()]
     newest = max(complete, key=lambda path: path.stat().st_mtime_ns) if complete else None
     dangling = [
@@ -174,7 +225,7 @@ def find_last_checkpoint(trainer: Trainer) -> Path | None:
             "checkpoints are in the same folder), or delete the link to start this run from scratch."
         )
     if newest is None:
-        others = sorted(_checkpoint_files(folders, "*.ckpt"))
+        others = sorted(_checkpoint_files(folders, "*.ckpt", accept_run))
         if others:
             listed = ", ".join(f"'{path}'" for path in others[:5]) + (" ..." if len(others) > 5 else "")
             raise CheckpointError(
@@ -193,10 +244,13 @@ def _describe(folders: Iterable[Path]) -> str:
     return " and ".join(f"'{folder}'" for folder in folders) or "no folder (no checkpoint callback)"
 
 
-def _checkpoint_files(folders: Iterable[Path], pattern: str) -> Iterator[Path]:
+def _checkpoint_files(
+    folders: Iterable[Path], pattern: str, accept_run: Callable[[Path], bool] | None = None
+) -> Iterator[Path]:
     for folder in folders:
+        expanded = "*" in folder.parts
         for match in _expand(folder):
-            if match.is_dir():
+            if match.is_dir() and (not expanded or accept_run is None or accept_run(match.parent)):
                 yield from match.glob(pattern)
 
 

@@ -10,11 +10,15 @@
   folder, beside its ``config.yaml``; :func:`check_new_output` refuses to overwrite an earlier file.
 - :func:`local_run_folder` is the run's version folder as one process sees it, for code that runs on
   rank zero only (``trainer.log_dir`` is a collective call).
+- :func:`follow_checkpoint_run` keeps a command given a checkpoint of a run in that run's folder: a
+  resumed ``fit`` continues ``version_N`` itself; ``validate``, ``test`` and ``predict`` write into
+  ``version_N/<command>`` (``<command>_1``, ``<command>_2`` ... when the run has one already).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,9 @@ from mambaout_pl.training.atomic import naming_target
 
 #: Attributes of a prediction writer that name the folder or file it writes to.
 WRITER_PATH_ATTRIBUTES = ("output_dir", "dirpath", "output_path", "save_dir")
+#: Commands that write into a folder of their own inside the run whose checkpoint they are given.
+EVALUATION_COMMANDS = ("validate", "test", "predict")
+VERSION_FOLDER = re.compile(r"version_\d+")
 
 
 def check_output_paths(trainer: Trainer, model: Any = None) -> None:
@@ -88,7 +95,8 @@ def prediction_folder(trainer: Trainer, output_dir: str | os.PathLike | None) ->
     log_dir = trainer.log_dir  # collective: every rank asks
     if output_dir is not None:
         return Path(output_dir)
-    return Path(log_dir or trainer.default_root_dir) / "predict"
+    folder = Path(log_dir or trainer.default_root_dir)
+    return folder if is_command_folder(folder, "predict") else folder / "predict"
 
 
 def local_run_folder(trainer: Trainer) -> Path:
@@ -137,6 +145,63 @@ def reserve_log_versions(trainer: Trainer) -> list[Path]:
         logger._version = version  # where Lightning's loggers keep the version they write to
         created.append(versions_root / f"version_{version}")
     return created
+
+
+def checkpoint_run_folder(ckpt_path: str | os.PathLike | None, logger: Any) -> Path | None:
+    """The ``version_N`` folder of ``logger`` (a TensorBoard or CSV logger) that holds ``ckpt_path`` in its
+    ``checkpoints`` folder, or None for a checkpoint kept anywhere else."""
+    if not ckpt_path or "://" in str(ckpt_path) or not isinstance(logger, (TensorBoardLogger, CSVLogger)):
+        return None
+    checkpoints = Path(ckpt_path).absolute().parent.resolve()
+    run = checkpoints.parent
+    if checkpoints.name != "checkpoints" or not VERSION_FOLDER.fullmatch(run.name):
+        return None
+    return run if run.parent == Path(logger.root_dir).resolve() else None
+
+
+def follow_checkpoint_run(trainer: Trainer, command: str, ckpt_path: str | os.PathLike | None) -> list[Path]:
+    """Point each TensorBoard or CSV logger without a fixed ``version`` at the run ``ckpt_path`` belongs to
+    (see :func:`checkpoint_run_folder`); returns the folders created.
+
+    ``fit`` (resuming) continues the run's own ``version_N``: the same TensorBoard run, the same
+    ``metrics.csv``. ``validate``, ``test`` and ``predict`` get ``version_N/<command>``, or
+    ``<command>_1``, ``<command>_2`` ... beside an earlier one, created with one ``mkdir`` each as
+    :func:`reserve_log_versions` does. Loggers of other roots and checkpoints elsewhere are left as they are.
+    """
+    created: list[Path] = []
+    for logger in trainer.loggers:
+        if getattr(logger, "_version", 0) is not None:
+            continue
+        run = checkpoint_run_folder(ckpt_path, logger)
+        if run is None:
+            continue
+        if command == "fit":
+            logger._version = int(run.name.removeprefix("version_"))
+            continue
+        if command not in EVALUATION_COMMANDS:
+            continue
+        if rank_zero_only.rank != 0:  # other ranks follow rank zero's folder, which Lightning broadcasts
+            logger._version = f"{run.name}/{command}"
+            continue
+        index = 0
+        with naming_target(run / command):
+            while True:
+                name = command if index == 0 else f"{command}_{index}"
+                try:
+                    (run / name).mkdir()
+                    break
+                except FileExistsError:
+                    index += 1
+        logger._version = f"{run.name}/{name}"
+        created.append(run / name)
+    return created
+
+
+def is_command_folder(folder: Path, command: str) -> bool:
+    """True for ``version_N/<command>`` (or ``<command>_K``), the folder :func:`follow_checkpoint_run` gives a command."""
+    return VERSION_FOLDER.fullmatch(folder.parent.name) is not None and (
+        re.fullmatch(rf"{command}(_\d+)?", folder.name) is not None
+    )
 
 
 def _logger_paths(logger: TensorBoardLogger | CSVLogger) -> Iterator[tuple[str, Any, Path]]:
