@@ -6,7 +6,7 @@ ssm_cross (VMamba's four-way scan), attention_full and gated_conv_k15 (a 15x15 k
 `--extra-arms` (e.g. recipes/baselines/*.yaml); three seeds; input sizes whose first stage (stride 4,
 D = 48 channels for MambaOut-Femto, so L/6D = (S/4)^2 / 288) goes from short to long:
 
-    CPU (2 cores, --jobs 2):   segmentation 48, 96 (L/6D 0.50, 2.00); detection 64, 96 (0.89, 2.00)
+    CPU (2 cores, --jobs 2 --threads 1): segmentation 48, 96 (L/6D 0.50, 2.00); detection 64, 96 (0.89, 2.00)
     one GPU (--gpu, --jobs 8): segmentation 64, 144, 192 (0.89, 4.50, 8.00); detection 64, 160, 192 (0.89, 5.56, 8.00)
 
 The schedules are shortened to fit the budget: the CPU grid trains each segmentation run 100
@@ -14,12 +14,13 @@ steps of 16 scenes (two epochs of 50 steps: 1.3 passes over its 1200 scenes, aga
 start's 20) and each detection run 150 steps of 8 (2 of the quick start's 12 epochs), the GPU
 grid 3 epochs of each scene; all cut the warm-up to 10 steps and validate once,
 on the final weights, on the whole validation split (no validation during the fit, no sanity
-check). CPU: about 37 minutes for the 48 runs on a 2-core CPU (estimated from a timed one-seed run
-of gated_conv and ssm_cross at both sizes of both scenes, 60 and 75 steps, scaled to these steps);
-GPU: sized for 10 minutes for the 72 runs, not yet timed on a GPU. At the CPU schedule the quick starts are still
-near the start of their learning curves (segmentation leaves its all-background plateau after
-about 5 epochs, detection's box mAP is 0.02 after 2 epochs), so the CPU grid shows the costs and
-how soon each mixer starts to learn, not where it ends.
+check). CPU, measured on a 2-core CPU with `--jobs 2 --threads 1` (2026-12-07, other jobs sharing
+it): the 24 segmentation runs in 23 min 34 s; GPU: sized for 10 minutes for the 72 runs, not yet
+timed on a GPU. At the CPU schedule the quick starts are still near the start of their learning
+curves (segmentation leaves its all-background plateau after about 5 epochs, detection's box mAP
+is 0.02 after 2 epochs), so each grid also reports a second metric that moves sooner
+(`SECOND_METRIC`: segmentation's val/loss, detection's val/bbox_mAP) and the CPU grid shows the
+costs and how soon each mixer starts to learn, not where it ends.
 
     python benchmarks/hypothesis2.py                        # the CPU grid into runs/hypothesis2/cpu/<scene>
     python benchmarks/hypothesis2.py --gpu                  # the GPU grid into runs/hypothesis2/gpu/<scene>
