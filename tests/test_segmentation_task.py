@@ -266,7 +266,7 @@ def test_predict_writes_palette_pngs_of_the_predictions(ade20k_folder, tmp_path)
     task = SegmentationTask(**SMALL, num_classes=dm.num_classes, predict_dir=str(out))
     predictions = trainer(tmp_path).predict(task, datamodule=dm)
     written = sorted(path.name for path in out.iterdir())
-    assert written == ["ADE_validation_00000000.png", "ADE_validation_00000001.png"]
+    assert written == ["ADE_validation_00000000.png", "ADE_validation_00000001.png", "legend.csv"]
     first = predictions[0]["prediction"][0]
     assert first.shape == (48, 40) and first.dtype == torch.uint8  # the original size
     png = Image.open(out / "ADE_validation_00000000.png")

@@ -210,6 +210,7 @@ def test_preempted_run_saves_and_resumes_exactly_as_the_uninterrupted_run(
     returncode, output = preempt(tmp_path, image_folder, signum, stage, epoch, batch)
     assert returncode == 128 + signum, output[-3000:]
     assert f"Stopped by {signum.name}" in output
+    assert "weights_only" not in output  # Lightning's "`weights_only` was not set" of a save without it
     checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
     saved = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == saved_step
@@ -239,6 +240,7 @@ def test_signal_to_the_whole_process_group_with_dataloader_workers_saves_and_res
     returncode, output = preempt(tmp_path, images, signum, stage, epoch, batch, group=True, extra_args=WORKERS)
     assert returncode == 128 + signum, output[-3000:]
     assert f"Stopped by {signum.name}" in output
+    assert "weights_only" not in output  # Lightning's "`weights_only` was not set" of a save without it
     checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
     saved = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == saved_step
