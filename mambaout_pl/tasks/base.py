@@ -19,8 +19,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from mambaout_pl.errors import CheckpointMismatchError, NonFiniteLossError
-from mambaout_pl.export.spec import ExportSpec
 from mambaout_pl.tasks.arguments import check_optimizer, check_positive, check_scheduler
+from mambaout_pl.tasks.export_spec import ExportSpec
 from mambaout_pl.training.ema import EMAWeightAveraging
 from mambaout_pl.training.nonfinite import NONFINITE_LOSS_MODES, NonFiniteLossMixin, check_nonfinite_loss_mode
 from mambaout_pl.training.resume import (
@@ -306,7 +306,7 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
         return [EMAWeightAveraging(decay=self.hparams.ema_decay)]
 
     def export_spec(self, data_hparams: Mapping[str, Any] | None = None) -> ExportSpec:
-        """How ``mambaout export`` writes this task's network (see :class:`~mambaout_pl.export.spec.ExportSpec`),
+        """How ``mambaout export`` writes this task's network (see :class:`~mambaout_pl.tasks.export_spec.ExportSpec`),
         given the saved hyper-parameters of the data module it was trained with."""
         raise NotImplementedError(f"{type(self).__name__} does not say how to export its network (export_spec).")
 

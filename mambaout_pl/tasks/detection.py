@@ -10,7 +10,6 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics.detection import MeanAveragePrecision
 
 from mambaout_pl.data.batches import DetectionBatch, DetectionTarget
-from mambaout_pl.export.spec import ExportSpec
 from mambaout_pl.models.detector import RCNNDetector
 from mambaout_pl.tasks.base import BaseTask, image_batch
 from mambaout_pl.tasks.detection_metrics import coco_scores, detection_metric, metric_predictions, metric_targets
@@ -21,6 +20,7 @@ from mambaout_pl.tasks.detection_outputs import (
     detection_panel,
     label_names_of,
 )
+from mambaout_pl.tasks.export_spec import ExportSpec
 from mambaout_pl.tasks.validation_pictures import ValidationPictures
 
 __all__ = ["InstanceSegmentationTask", "ObjectDetectionTask"]

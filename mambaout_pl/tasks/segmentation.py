@@ -13,12 +13,12 @@ from torch import nn
 from torchmetrics import MetricCollection
 
 from mambaout_pl.data.batches import SegmentationEvalBatch, SegmentationTrainBatch, unpadded_image, unpadded_mask
-from mambaout_pl.export.spec import ExportSpec, preprocessing_config
 from mambaout_pl.models.inference import INFERENCE_MODES, segment
 from mambaout_pl.models.segmentor import DECODE_HEADS, UperNetSegmentor
 from mambaout_pl.models.upernet import resize
 from mambaout_pl.tasks.arguments import check_drop_path_rate
 from mambaout_pl.tasks.base import BaseTask, image_batch
+from mambaout_pl.tasks.export_spec import ExportSpec, preprocessing_config
 from mambaout_pl.tasks.segmentation_metrics import confusion_scores, segmentation_metrics
 from mambaout_pl.tasks.segmentation_outputs import SegmentationMaskWriter, overlay_panel
 from mambaout_pl.tasks.validation_pictures import ValidationPictures
