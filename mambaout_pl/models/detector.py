@@ -25,6 +25,7 @@ with which `mambaout_pl.models.create_model` (and so an export folder) rebuilds 
 
 from __future__ import annotations
 
+import copy
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -365,6 +366,8 @@ class RCNNDetector(
         self.num_classes = num_classes
         self.masks = masks
         self.head_style = head_style
+        # named now: FSDP's `fully_shard` later swaps the class for a generated subclass
+        self._model_name = f"{type(self).__module__}.{type(self).__qualname__}"
         self._model_args = {
             "backbone": backbone,
             "num_classes": num_classes,
@@ -388,4 +391,4 @@ class RCNNDetector(
     @property
     def config(self) -> dict[str, Any]:
         """`model_name` and JSON-serialisable `model_args` (without `pretrained`) that rebuild this network."""
-        return {"model_name": f"{__name__}.{type(self).__name__}", "model_args": dict(self._model_args)}
+        return {"model_name": self._model_name, "model_args": copy.deepcopy(self._model_args)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -311,8 +312,12 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
         raise NotImplementedError(f"{type(self).__name__} does not say how to export its network (export_spec).")
 
     def network_config(self) -> dict[str, Any]:
-        """``{"model_name", "model_args"}`` such that ``create_model(model_name, **model_args)`` rebuilds
-        ``self.model`` (without weights)."""
+        """Deprecated: ``export_spec()``'s ``model_name`` and ``model_args``."""
+        warnings.warn(
+            f"{type(self).__name__}.network_config() is deprecated; use task.export_spec().model_name and .model_args.",
+            FutureWarning,
+            stacklevel=2,
+        )
         spec = self.export_spec()
         return {"model_name": spec.model_name, "model_args": spec.model_args}
 
