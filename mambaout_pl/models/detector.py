@@ -49,6 +49,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 from .backbones import FeatureBackbone
+from .registry import untrusted_source
 
 __all__ = [
     "AlignedMultiScaleRoIAlign",
@@ -387,6 +388,13 @@ class RCNNDetector(
             "box_detections_per_img": box_detections_per_img,
             **top_n,
         }
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> RCNNDetector:
+        """Rebuild a saved detector (a folder or Hub repo); the backbone name in its config.json resolves as
+        a name from a file (see `mambaout_pl.models.untrusted_source`)."""
+        with untrusted_source(f"the config.json of '{pretrained_model_name_or_path}'"):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
     def config(self) -> dict[str, Any]:
