@@ -182,6 +182,15 @@ def test_any_token_mixer_or_timm_backbone_and_export_rebuilds_the_network():
     assert not boxes_only.model.masks and boxes_only.model.head_style == "torchvision"
 
 
+def test_export_spec_is_the_detectors_config_and_network_args_is_deprecated():
+    task = ObjectDetectionTask(**SMALL_TASK)
+    spec = task.export_spec()
+    assert {"model_name": spec.model_name, "model_args": spec.model_args} == task.model.config
+    assert spec.model_args["rpn_post_nms_top_n_train"] == 1000 and not spec.model_args["masks"]
+    with pytest.warns(FutureWarning, match=r"ObjectDetectionTask.network_args\(\) is deprecated"):
+        assert task.network_args() == task.model.config["model_args"]
+
+
 def test_subclasses_override_one_part():
     class AP50Scores(ObjectDetectionTask):
         def configure_metrics(self) -> None:

@@ -149,3 +149,29 @@ def test_layers_import_only_what_they_may():
             assert not {
                 t for t in targets if t.startswith(("mambaout_pl.tasks", "mambaout_pl.models", "mambaout_pl.cli"))
             }, name
+
+
+def third_party_packages(path: Path) -> set[str]:
+    """The top-level package of every module the file at `path` imports (`lightning` for `lightning.pytorch`)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_export_reads_tasks_and_models_know_neither():
+    """Export imports tasks and models; no task imports export; no model imports tasks, export or Lightning."""
+    graph = package_graph()
+    assert "mambaout_pl.tasks.base" in graph["mambaout_pl.export.hub"]
+    assert "mambaout_pl.tasks.export_spec" in graph["mambaout_pl.tasks.base"]
+    assert "lightning" in third_party_packages(module_names()["mambaout_pl.tasks.base"])
+    lightning = {"lightning", "lightning_utilities", "pytorch_lightning"}
+    for name, targets in graph.items():
+        if name.startswith("mambaout_pl.tasks"):
+            assert not {t for t in targets if t.startswith("mambaout_pl.export")}, name
+        if name.startswith("mambaout_pl.models"):
+            assert not {t for t in targets if t.startswith(("mambaout_pl.tasks", "mambaout_pl.export"))}, name
+            assert not third_party_packages(module_names()[name]) & lightning, name

@@ -22,7 +22,14 @@ from helpers import tiny_fit_args as fit_args
 
 from mambaout_pl.cli import main, run_cli
 from mambaout_pl.errors import CheckpointMismatchError
-from mambaout_pl.models import UnknownModelError, UntrustedNameError, UperNetSegmentor, from_pretrained, registry
+from mambaout_pl.models import (
+    RCNNDetector,
+    UnknownModelError,
+    UntrustedNameError,
+    UperNetSegmentor,
+    from_pretrained,
+    registry,
+)
 
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
@@ -140,6 +147,18 @@ def test_hub_repo_names_run_nothing(marker: Path, tmp_path: Path, monkeypatch) -
     )
     with pytest.raises(UntrustedNameError, match="Refusing 'os.system'"):
         UperNetSegmentor.from_pretrained("attacker/repo")
+    assert not marker.exists() and "evil_module" not in sys.modules
+
+
+@pytest.mark.parametrize("network", [UperNetSegmentor, RCNNDetector], ids=lambda network: network.__name__)
+@pytest.mark.parametrize("name", PAYLOADS)
+def test_saved_dense_network_backbone_names_run_nothing(network, name: str, marker: Path, tmp_path: Path) -> None:
+    # The config.json of `save_pretrained`: the constructor arguments themselves, the backbone by name.
+    value, kwargs = payload(name, marker)
+    folder = write_export_folder(tmp_path / "saved", {"backbone": value, "backbone_args": kwargs, "num_classes": 2})
+    with pytest.raises(UntrustedNameError) as raised:
+        network.from_pretrained(folder)
+    assert_refused(str(raised.value), value, f"the config.json of '{folder}'")
     assert not marker.exists() and "evil_module" not in sys.modules
 
 

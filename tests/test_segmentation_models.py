@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -157,6 +158,24 @@ def test_save_pretrained_and_from_pretrained_rebuild_the_same_network(tmp_path):
     rebuilt = create_model("mambaout_pl.models.segmentor.UperNetSegmentor", **config).eval()
     rebuilt.load_state_dict(model.state_dict())
     torch.testing.assert_close(rebuilt(images), model(images))
+
+
+def test_config_names_every_constructor_argument_but_pretrained_and_rebuilds_the_segmentor(tmp_path):
+    model = small_segmentor(decode_head="fcn", aux_stage=1, out_indices=(-3, -2, -1), backbone_args={"kernel_size": 5})
+    config = model.config
+    assert config["model_name"] == "mambaout_pl.models.segmentor.UperNetSegmentor"
+    assert json.loads(json.dumps(config)) == config
+    assert set(config["model_args"]) == set(inspect.signature(UperNetSegmentor).parameters) - {"pretrained"}
+    assert config["model_args"]["out_indices"] == [-3, -2, -1] and config["model_args"]["decode_head"] == "fcn"
+    config["model_args"]["backbone_args"]["kernel_size"] = 3  # a copy: the network's own stays
+    assert model.config["model_args"]["backbone_args"] == {"kernel_size": 5}
+
+    rebuilt = create_model(model.config["model_name"], **model.config["model_args"]).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    images = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(rebuilt(images), model(images))
+    model.save_pretrained(tmp_path / "hub")
+    assert UperNetSegmentor.from_pretrained(tmp_path / "hub").config == model.config
 
 
 def test_upernet_mambaout_tiny_size_matches_the_paper():

@@ -274,13 +274,26 @@ def test_predict_writes_palette_pngs_of_the_predictions(ade20k_folder, tmp_path)
     assert np.array_equal(np.asarray(png), first.numpy())
 
 
-def test_network_config_rebuilds_the_network(tmp_path):
+def test_export_spec_is_the_segmentors_config_and_rebuilds_the_network():
     from mambaout_pl.models import create_model
 
-    task = SegmentationTask(**SMALL, num_classes=6, backbone_args={"kernel_size": 5}).eval()
-    config = task.network_config()
+    task = SegmentationTask(**SMALL, num_classes=6, backbone_args={"kernel_size": 5}, pool_scales=(1, 3)).eval()
+    config = task.model.config
+    spec = task.export_spec({"crop_size": 48, "path": "ade20k"})
+    assert (spec.model_name, spec.model_args) == (config["model_name"], config["model_args"])
+    assert spec.model_name == "mambaout_pl.models.segmentor.UperNetSegmentor"
+    assert spec.preprocessing["input_size"] == (3, 48, 48) and spec.dataset == "ade20k"
+    assert config["model_args"]["channels"] == 16 and config["model_args"]["pool_scales"] == [1, 3]
+    assert config["model_args"]["backbone_args"] == {"kernel_size": 5} and "pretrained" not in config["model_args"]
     rebuilt = create_model(config["model_name"], **config["model_args"]).eval()
     rebuilt.load_state_dict(task.model.state_dict())
     images = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(rebuilt(images), task(images))
-    assert config["model_args"]["backbone_args"] == {"kernel_size": 5} and "pretrained" not in config["model_args"]
+
+
+def test_network_config_and_network_args_are_deprecated_for_the_models_config():
+    task = SegmentationTask(**SMALL, num_classes=6)
+    with pytest.warns(FutureWarning, match=r"network_config\(\) is deprecated; use task.export_spec\(\)"):
+        assert task.network_config() == task.model.config
+    with pytest.warns(FutureWarning, match=r'network_args\(\) is deprecated; use task.model.config\["model_args"\]'):
+        assert task.network_args() == task.model.config["model_args"]

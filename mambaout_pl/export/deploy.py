@@ -28,11 +28,11 @@ from torch.export import Dim, ExportedProgram
 
 from mambaout_pl import __version__
 from mambaout_pl.errors import ExportError
-from mambaout_pl.export.spec import ExportSpec
 from mambaout_pl.export.target import check_export_target, staged_export
 from mambaout_pl.models.detector import RCNNDetector
 from mambaout_pl.models.mixers.ssm import SelectiveScanMixer
 from mambaout_pl.tasks.base import BaseTask
+from mambaout_pl.tasks.export_spec import ExportSpec
 from mambaout_pl.training.atomic import atomic_write
 
 __all__ = [

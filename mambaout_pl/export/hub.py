@@ -36,7 +36,6 @@ from safetensors.torch import save_file
 from mambaout_pl import __version__
 from mambaout_pl.errors import CheckpointError, CheckpointMismatchError, ExportError
 from mambaout_pl.export.model_card import model_card
-from mambaout_pl.export.spec import ExportSpec
 from mambaout_pl.export.target import EXPORT_MANIFEST, check_export_target, staged_export
 from mambaout_pl.models import (
     UnknownModelError,
@@ -46,6 +45,7 @@ from mambaout_pl.models import (
     untrusted_source,
 )
 from mambaout_pl.tasks.base import BaseTask
+from mambaout_pl.tasks.export_spec import ExportSpec
 from mambaout_pl.training.checkpoint_io import read_checkpoint
 from mambaout_pl.training.resume import CHECKPOINT_KEY, RESUME_MAY_CHANGE
 

@@ -15,7 +15,7 @@ from timm.models import get_pretrained_cfg
 from torch.utils.flop_counter import FlopCounterMode
 
 from mambaout_pl import __version__
-from mambaout_pl.export.spec import ExportSpec
+from mambaout_pl.tasks.export_spec import ExportSpec
 from mambaout_pl.training.resume import CHECKPOINT_KEY
 
 #: Links the card gives, each to a page that exists: the paper, timm's documentation.

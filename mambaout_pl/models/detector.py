@@ -25,6 +25,7 @@ with which `mambaout_pl.models.create_model` (and so an export folder) rebuilds 
 
 from __future__ import annotations
 
+import copy
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -48,6 +49,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 from .backbones import FeatureBackbone
+from .registry import untrusted_source
 
 __all__ = [
     "AlignedMultiScaleRoIAlign",
@@ -365,6 +367,8 @@ class RCNNDetector(
         self.num_classes = num_classes
         self.masks = masks
         self.head_style = head_style
+        # named now: FSDP's `fully_shard` later swaps the class for a generated subclass
+        self._model_name = f"{type(self).__module__}.{type(self).__qualname__}"
         self._model_args = {
             "backbone": backbone,
             "num_classes": num_classes,
@@ -385,7 +389,14 @@ class RCNNDetector(
             **top_n,
         }
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> RCNNDetector:
+        """Rebuild a saved detector (a folder or Hub repo); the backbone name in its config.json resolves as
+        a name from a file (see `mambaout_pl.models.untrusted_source`)."""
+        with untrusted_source(f"the config.json of '{pretrained_model_name_or_path}'"):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     @property
     def config(self) -> dict[str, Any]:
         """`model_name` and JSON-serialisable `model_args` (without `pretrained`) that rebuild this network."""
-        return {"model_name": f"{__name__}.{type(self).__name__}", "model_args": dict(self._model_args)}
+        return {"model_name": self._model_name, "model_args": copy.deepcopy(self._model_args)}

@@ -4,9 +4,11 @@ The MambaOut authors' segmentation set-up (never released; described in PAPER_FA
 the four stage outputs of MambaOut, each normalised by a LayerNorm, with mmsegmentation's auxiliary
 FCN head on the third stage. Saved and rebuilt with `save_pretrained` / `from_pretrained`
 (`huggingface_hub.PyTorchModelHubMixin`, safetensors weights, a `config.json` of the constructor
-arguments).
+arguments); `config` gives the `model_name` / `model_args` pair with which
+`mambaout_pl.models.create_model` (and so an export folder) rebuilds the network.
 """
 
+import copy
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -102,6 +104,28 @@ class UperNetSegmentor(
         self.aux_head = (
             FCNHead(stage_channels[aux_stage], num_classes, aux_channels, dropout=dropout) if aux_head else None
         )
+        # named now: FSDP's `fully_shard` later swaps the class for a generated subclass
+        self._model_name = f"{type(self).__module__}.{type(self).__qualname__}"
+        self._model_args = {
+            "backbone": backbone,
+            "num_classes": num_classes,
+            "decode_head": decode_head,
+            "channels": channels,
+            "pool_scales": [int(scale) for scale in pool_scales],
+            "dropout": dropout,
+            "stage_norm": stage_norm,
+            "aux_head": aux_head,
+            "aux_stage": aux_stage,
+            "aux_channels": aux_channels,
+            "out_indices": list(out_indices),
+            "drop_path_rate": drop_path_rate,
+            "backbone_args": dict(backbone_args or {}),
+        }
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """`model_name` and JSON-serialisable `model_args` (without `pretrained`) that rebuild this network."""
+        return {"model_name": self._model_name, "model_args": copy.deepcopy(self._model_args)}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "UperNetSegmentor":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,8 +20,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from mambaout_pl.errors import CheckpointMismatchError, NonFiniteLossError
-from mambaout_pl.export.spec import ExportSpec
 from mambaout_pl.tasks.arguments import check_optimizer, check_positive, check_scheduler
+from mambaout_pl.tasks.export_spec import ExportSpec
 from mambaout_pl.training.ema import EMAWeightAveraging
 from mambaout_pl.training.nonfinite import NONFINITE_LOSS_MODES, NonFiniteLossMixin, check_nonfinite_loss_mode
 from mambaout_pl.training.resume import (
@@ -306,13 +307,17 @@ class BaseTask(NonFiniteLossMixin, LightningModule, ABC):
         return [EMAWeightAveraging(decay=self.hparams.ema_decay)]
 
     def export_spec(self, data_hparams: Mapping[str, Any] | None = None) -> ExportSpec:
-        """How ``mambaout export`` writes this task's network (see :class:`~mambaout_pl.export.spec.ExportSpec`),
+        """How ``mambaout export`` writes this task's network (see :class:`~mambaout_pl.tasks.export_spec.ExportSpec`),
         given the saved hyper-parameters of the data module it was trained with."""
         raise NotImplementedError(f"{type(self).__name__} does not say how to export its network (export_spec).")
 
     def network_config(self) -> dict[str, Any]:
-        """``{"model_name", "model_args"}`` such that ``create_model(model_name, **model_args)`` rebuilds
-        ``self.model`` (without weights)."""
+        """Deprecated: ``export_spec()``'s ``model_name`` and ``model_args``."""
+        warnings.warn(
+            f"{type(self).__name__}.network_config() is deprecated; use task.export_spec().model_name and .model_args.",
+            FutureWarning,
+            stacklevel=2,
+        )
         spec = self.export_spec()
         return {"model_name": spec.model_name, "model_args": spec.model_args}
 

@@ -15,12 +15,12 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from mambaout_pl.data.batches import ClassificationBatch
-from mambaout_pl.export.spec import ExportSpec, preprocessing_config
 from mambaout_pl.models import create_model
 from mambaout_pl.tasks.arguments import check_drop_path_rate
 from mambaout_pl.tasks.base import BaseTask, image_batch
 from mambaout_pl.tasks.classification_outputs import PREDICTION_FORMATS, ClassificationPredictionWriter
 from mambaout_pl.tasks.classification_pictures import ClassificationPictures
+from mambaout_pl.tasks.export_spec import ExportSpec, preprocessing_config
 
 
 class ClassificationTask(BaseTask):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,7 +11,6 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics.detection import MeanAveragePrecision
 
 from mambaout_pl.data.batches import DetectionBatch, DetectionTarget
-from mambaout_pl.export.spec import ExportSpec
 from mambaout_pl.models.detector import RCNNDetector
 from mambaout_pl.tasks.base import BaseTask, image_batch
 from mambaout_pl.tasks.detection_metrics import coco_scores, detection_metric, metric_predictions, metric_targets
@@ -21,6 +21,7 @@ from mambaout_pl.tasks.detection_outputs import (
     detection_panel,
     label_names_of,
 )
+from mambaout_pl.tasks.export_spec import ExportSpec
 from mambaout_pl.tasks.validation_pictures import ValidationPictures
 
 __all__ = ["InstanceSegmentationTask", "ObjectDetectionTask"]
@@ -146,32 +147,38 @@ class ObjectDetectionTask(ValidationPictures, BaseTask):
 
     # -- building -----------------------------------------------------------------------------
 
-    def network_args(self) -> dict[str, Any]:
-        """The ``RCNNDetector`` constructor arguments, all JSON-serialisable, without ``pretrained``."""
-        hparams = self.hparams
-        return {
-            "backbone": hparams.backbone,
-            "num_classes": hparams.num_classes,
-            "masks": self.masks,
-            "head_style": hparams.head_style,
-            "backbone_args": dict(hparams.backbone_args or {}),
-            "out_indices": list(hparams.out_indices),
-            "stage_norm": hparams.stage_norm,
-            "fpn_channels": hparams.fpn_channels,
-            "anchor_sizes": list(hparams.anchor_sizes),
-            "drop_path_rate": hparams.drop_path_rate,
-            "min_size": hparams.min_size,
-            "max_size": hparams.max_size,
-            "box_batch_size_per_image": hparams.box_batch_size_per_image,
-            "box_detections_per_img": hparams.box_detections_per_img,
-            "rpn_pre_nms_top_n_train": hparams.rpn_pre_nms_top_n_train,
-            "rpn_pre_nms_top_n_test": hparams.rpn_pre_nms_top_n_test,
-            "rpn_post_nms_top_n_train": hparams.rpn_post_nms_top_n_train,
-            "rpn_post_nms_top_n_test": hparams.rpn_post_nms_top_n_test,
-        }
-
     def configure_models(self) -> None:
-        self.model = RCNNDetector(**self.network_args(), pretrained=self.hparams.pretrained)
+        hparams = self.hparams
+        self.model = RCNNDetector(
+            backbone=hparams.backbone,
+            num_classes=hparams.num_classes,
+            masks=self.masks,
+            head_style=hparams.head_style,
+            backbone_args=hparams.backbone_args,
+            out_indices=hparams.out_indices,
+            stage_norm=hparams.stage_norm,
+            fpn_channels=hparams.fpn_channels,
+            anchor_sizes=hparams.anchor_sizes,
+            drop_path_rate=hparams.drop_path_rate,
+            min_size=hparams.min_size,
+            max_size=hparams.max_size,
+            box_batch_size_per_image=hparams.box_batch_size_per_image,
+            box_detections_per_img=hparams.box_detections_per_img,
+            rpn_pre_nms_top_n_train=hparams.rpn_pre_nms_top_n_train,
+            rpn_pre_nms_top_n_test=hparams.rpn_pre_nms_top_n_test,
+            rpn_post_nms_top_n_train=hparams.rpn_post_nms_top_n_train,
+            rpn_post_nms_top_n_test=hparams.rpn_post_nms_top_n_test,
+            pretrained=hparams.pretrained,
+        )
+
+    def network_args(self) -> dict[str, Any]:
+        """Deprecated: ``task.model.config["model_args"]``."""
+        warnings.warn(
+            f'{type(self).__name__}.network_args() is deprecated; use task.model.config["model_args"].',
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.model.config["model_args"]
 
     def configure_metrics(self) -> None:
         self.val_metrics = detection_metric(self.masks, self.hparams.map_backend)

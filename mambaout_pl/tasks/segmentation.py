@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,12 +14,12 @@ from torch import nn
 from torchmetrics import MetricCollection
 
 from mambaout_pl.data.batches import SegmentationEvalBatch, SegmentationTrainBatch, unpadded_image, unpadded_mask
-from mambaout_pl.export.spec import ExportSpec, preprocessing_config
 from mambaout_pl.models.inference import INFERENCE_MODES, segment
 from mambaout_pl.models.segmentor import DECODE_HEADS, UperNetSegmentor
 from mambaout_pl.models.upernet import resize
 from mambaout_pl.tasks.arguments import check_drop_path_rate
 from mambaout_pl.tasks.base import BaseTask, image_batch
+from mambaout_pl.tasks.export_spec import ExportSpec, preprocessing_config
 from mambaout_pl.tasks.segmentation_metrics import confusion_scores, segmentation_metrics
 from mambaout_pl.tasks.segmentation_outputs import SegmentationMaskWriter, overlay_panel
 from mambaout_pl.tasks.validation_pictures import ValidationPictures
@@ -144,30 +145,31 @@ class SegmentationTask(ValidationPictures, BaseTask):
 
     # -- building -----------------------------------------------------------------------------
 
-    def network_args(self) -> dict[str, Any]:
-        """The ``UperNetSegmentor`` constructor arguments, all JSON-serialisable, without ``pretrained``."""
+    def configure_models(self) -> None:
         hparams = self.hparams
-        return {
-            "backbone": hparams.backbone,
-            "num_classes": hparams.num_classes,
-            "decode_head": hparams.decode_head,
-            "channels": hparams.decode_channels,
-            "pool_scales": list(hparams.pool_scales),
-            "dropout": hparams.dropout,
-            "stage_norm": hparams.stage_norm,
-            "aux_head": hparams.aux_head,
-            "aux_stage": hparams.aux_stage,
-            "aux_channels": hparams.aux_channels,
-            "out_indices": list(hparams.out_indices),
-            "drop_path_rate": hparams.drop_path_rate,
-            "backbone_args": dict(hparams.backbone_args or {}),
-        }
+        self.model = UperNetSegmentor(
+            backbone=hparams.backbone,
+            num_classes=hparams.num_classes,
+            decode_head=hparams.decode_head,
+            channels=hparams.decode_channels,
+            pool_scales=hparams.pool_scales,
+            dropout=hparams.dropout,
+            stage_norm=hparams.stage_norm,
+            aux_head=hparams.aux_head,
+            aux_stage=hparams.aux_stage,
+            aux_channels=hparams.aux_channels,
+            out_indices=hparams.out_indices,
+            drop_path_rate=hparams.drop_path_rate,
+            backbone_args=hparams.backbone_args,
+            pretrained=hparams.pretrained,
+        )
 
     def export_spec(self, data_hparams: Mapping[str, Any] | None = None) -> ExportSpec:
-        """mambaout-pl's format (``UperNetSegmentor`` and its arguments), with the data module's crop as input size."""
+        """mambaout-pl's format (the ``UperNetSegmentor``'s ``config``), with the data module's crop as input size."""
+        config = self.model.config
         return ExportSpec(
-            model_name="mambaout_pl.models.segmentor.UperNetSegmentor",
-            model_args=self.network_args(),
+            model_name=config["model_name"],
+            model_args=config["model_args"],
             pipeline_tag="image-segmentation",
             metrics=("mean_iou",),
             label_names=self.hparams.label_names,
@@ -175,8 +177,14 @@ class SegmentationTask(ValidationPictures, BaseTask):
             dataset=(data_hparams or {}).get("path"),
         )
 
-    def configure_models(self) -> None:
-        self.model = UperNetSegmentor(**self.network_args(), pretrained=self.hparams.pretrained)
+    def network_args(self) -> dict[str, Any]:
+        """Deprecated: ``task.model.config["model_args"]``."""
+        warnings.warn(
+            'SegmentationTask.network_args() is deprecated; use task.model.config["model_args"].',
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.model.config["model_args"]
 
     def configure_losses(self) -> None:
         self.criterion = nn.CrossEntropyLoss(ignore_index=self.hparams.ignore_index)
