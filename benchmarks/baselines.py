@@ -20,7 +20,8 @@ resident memory above what it held before the first step; CUDA: the allocator's 
 that model alone.
 
 `official` times ours against the official pure-PyTorch paths with the same weights and input
-(VMamba's `vmamba.py` with its torch fallback, Vim's models with its Mamba fork's reference
+(VMamba's single-file `vmamba.py` from the repository's root with its torch fallback; the one in
+`classification/models/` enters `torch.cuda.device` in its cross scan and fails on CPU tensors; Vim's models with its Mamba fork's reference
 functions, MambaVision with `mamba_ssm`'s `selective_scan_ref`), in alternating rounds. `--vim-repo`
 is an export of hustvl/Vim's `vim/`, `mamba-1p1p1/mamba_ssm` and `causal-conv1d/causal_conv1d`
 (see tests/data/make_vim_reference.py). VMamba's fallback differentiates a scan whose backward grows
@@ -279,13 +280,13 @@ def official_mamba_vision(vim_repo: str, name: str) -> torch.nn.Module:
     return getattr(mamba_vision, name)()
 
 
-def official_vim(vim_repo: str, name: str) -> torch.nn.Module:
+def official_vim(vim_repo: str, name: str, img_size: int = 224) -> torch.nn.Module:
     """The official `VisionMamba` of `vim_repo` (an export of hustvl/Vim), its CUDA kernels replaced by the
     repository's own reference functions (see tests/data/make_vim_reference.py, which does the replacing)."""
     script = load_module("make_vim_reference", ROOT / "tests" / "data" / "make_vim_reference.py")
     models_mamba = script.load_official(Path(vim_repo))
     width = {"vim_tiny": 192, "vim_small": 384}[name]
-    return models_mamba.VisionMamba(embed_dim=width, depth=24, **script.OFFICIAL_ARGS)
+    return models_mamba.VisionMamba(img_size=img_size, embed_dim=width, depth=24, **script.OFFICIAL_ARGS)
 
 
 def run_official(args: argparse.Namespace) -> None:
@@ -297,19 +298,21 @@ def run_official(args: argparse.Namespace) -> None:
         ]
     if args.vim_repo and importlib.util.find_spec("mambavision"):
         cases += [("mamba_vision_T", lambda: official_mamba_vision(args.vim_repo, "mamba_vision_T"))]
+    size = parse_size(args.sizes[0])
     if args.vim_repo:  # last: its stand-in for the CUDA extension would make vmamba.py take its CUDA path
-        cases += [("vim_tiny", lambda: official_vim(args.vim_repo, "vim_tiny"))]
+        cases += [("vim_tiny", lambda: official_vim(args.vim_repo, "vim_tiny", size[0]))]
     if args.models:
         cases = [case for case in cases if case[0] in args.models]
     if not cases:
         raise SystemExit("Give --vmamba-file (a copy of VMamba's vmamba.py) and/or --vim-repo (Vim's repository).")
     rows = []
-    size = parse_size(args.sizes[0])
     for name, build_official in cases:
         torch.manual_seed(0)
         official = build_official()
-        ours = create_model(name)
-        ours.load_state_dict(official.state_dict(), strict=True)
+        ours = create_model(name, **({"img_size": size[0]} if name.startswith("vim") else {}))  # the official grid
+        rename = getattr(ours, "checkpoint_filter_fn", None)  # older official key layouts, as load_pretrained does
+        state = official.state_dict()
+        ours.load_state_dict(rename(state) if rename else state, strict=True)
         images = torch.randn(args.batch_size, 3, *size)
         for mode, make in ((m, {"infer": inference_step, "train": training_step}[m]) for m in args.modes):
             steps = {"ours": make(ours, images, args.precision), "reference": make(official, images, args.precision)}

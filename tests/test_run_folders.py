@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import stat
+import warnings
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,14 @@ def test_an_export_names_its_training_data_not_imagenet(images: Path, tmp_path: 
     checkpoint = tmp_path / "digits" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert export_main([str(checkpoint), str(tmp_path / "digits_export")]) == 0
     assert json.loads((tmp_path / "digits_export" / "config.json").read_text())["pretrained_cfg"]["tag"] == "digits"
+
+
+def test_validate_of_a_runs_checkpoint_warns_about_nothing(images: Path, tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    run_cli(tiny_fit_args(root, images))
+    run = root / "lightning_logs" / "version_0"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_cli(evaluate_args("validate", run, run / "checkpoints" / "last.ckpt"))
+    ours = [w for w in caught if "mambaout_pl" in w.filename or "dirpath" in str(w.message)]
+    assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]

@@ -112,10 +112,22 @@ class ModelCheckpoint(LightningModelCheckpoint):
     epoch and step, both with or both without the optimizer state), e.g. the best and the latest
     epoch, its file becomes a hard link to the one saved second, which holds every callback's
     updated state: the run keeps one copy of the bytes. Where hard links cannot be made, both stay.
+
+    ``validate``, ``test`` and ``predict`` save no checkpoint, so they do not restore the fit's records
+    of its checkpoints either (Lightning would warn that the folder it saves to has changed).
     """
 
     _moment: str | None = None
     _saved: tuple[tuple[Any, ...], str] | None = None
+    _stage: str | None = None
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        self._stage = stage
+        super().setup(trainer, pl_module, stage)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._stage in (None, "fit"):
+            super().load_state_dict(state_dict)
 
     def on_train_batch_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
         self._moment = "on_train_batch_end"
