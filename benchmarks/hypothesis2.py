@@ -15,7 +15,7 @@ start's 20) and each detection run 150 steps of 8 (2 of the quick start's 12 epo
 grid 3 epochs of each scene; all cut the warm-up to 10 steps and validate once,
 on the final weights, on the whole validation split (no validation during the fit, no sanity
 check). CPU, measured on a 2-core CPU with `--jobs 2 --threads 1` (2026-12-07, other jobs sharing
-it): the 24 segmentation runs in 23 min 34 s; GPU: sized for 10 minutes for the 72 runs, not yet
+it): the 24 segmentation runs in 23 min 34 s, the 24 detection runs in about 27 minutes; GPU: sized for 10 minutes for the 72 runs, not yet
 timed on a GPU. At the CPU schedule the quick starts are still near the start of their learning
 curves (segmentation leaves its all-background plateau after about 5 epochs, detection's box mAP
 is 0.02 after 2 epochs), so each grid also reports a second metric that moves sooner
